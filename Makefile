@@ -1,0 +1,26 @@
+# The two commands of the README: `make run` (the main job) and `make test`. Each creates .venv
+# and installs the project into it first, when pyproject.toml is newer than the last install.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: run test lint dvc-repro
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+run: $(BIN)/.installed
+	snakemake --cores all all
+
+test: $(BIN)/.installed
+	ruff check pipeline tests
+	ruff format --check pipeline tests
+	python -m pipeline dvc-yaml --check
+	pytest -q
+
+dvc-repro: $(BIN)/.installed
+	dvc repro

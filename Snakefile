@@ -1,0 +1,48 @@
+# Rules are built from the stage registry in pipeline/dag.py; dvc.yaml is generated from the same
+# registry, so both tools run the same commands on the same inputs and outputs.
+import sys
+
+sys.path.insert(0, workflow.basedir)
+
+from pipeline.config import load_params
+from pipeline.dag import build_stages
+from pipeline.errors import ConfigError
+
+try:
+    PARAMS = load_params()
+except ConfigError as err:
+    print(err, file=sys.stderr)
+    sys.exit(2)
+
+STAGES = build_stages(PARAMS)
+
+
+def _files(paths):
+    return [directory(p.rstrip("/")) if p.endswith("/") else p for p in paths]
+
+
+rule all:
+    input:
+        [out.rstrip("/") for stage in STAGES if stage.target for out in stage.outs],
+
+
+for stage in STAGES:
+
+    rule:
+        name:
+            stage.name
+        input:
+            [p.rstrip("/") for p in (*stage.deps, *stage.code)],
+        output:
+            _files(stage.outs),
+        params:
+            # Evaluated now; `shell:` is evaluated at run time, when `stage` is the loop's last.
+            cmd=stage.cmd,
+            values=stage.param_values(PARAMS),
+        threads: stage.threads
+        conda:
+            "envs/pipeline.yaml"
+        resources:
+            gpu=stage.gpu,
+        shell:
+            "{params.cmd} --threads {threads}"

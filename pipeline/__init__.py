@@ -1,0 +1,1 @@
+"""Teacher-guided video action recognition: a staged data-and-training DAG."""

@@ -1,0 +1,248 @@
+"""The schema of params.yaml: the one place that validates configuration.
+
+Every reader (the Snakefile, each stage command, the dvc.yaml generator) calls `load_params`, so a
+bad value fails the same way everywhere: one line naming the dotted key, exit code 2, before work.
+"""
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+PARAMS_FILE = Path("params.yaml")
+
+PosInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class Section(BaseModel):
+    # Unknown keys are typos until proven otherwise; frozen so stages cannot mutate shared params.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class VideoDataset(Section):
+    """Where a video dataset's raw files live and how they are laid out."""
+
+    format: Literal["ucf101", "hmdb51"]
+    raw: str  # folder in the dataset's official layout (see README, "Real data")
+    split: Annotated[int, Field(ge=1, le=3)] = 1  # official split used for train/test
+
+
+class SynthParams(Section):
+    """The embedded synthetic action world; mirrors pipeline.data.synth.WorldSpec (which also
+    checks cross-field rules, reported under `synth`)."""
+
+    seed: NonNegInt = 0
+    frame_height: Annotated[int, Field(ge=16, le=1024, multiple_of=2)] = 48
+    frame_width: Annotated[int, Field(ge=16, le=1024, multiple_of=2)] = 64
+    num_frames: Annotated[int, Field(ge=8, le=1000)] = 32
+    fps: Annotated[int, Field(ge=1, le=120)] = 25
+    classes: tuple[str, ...] | None = None  # None: every action the renderer knows
+    groups_per_class: Annotated[int, Field(ge=2, le=99)] = 25
+    clips_per_group: Annotated[int, Field(ge=1, le=99)] = 5
+    test_groups: PosInt = 7
+    crf: Annotated[int, Field(ge=0, le=51)] = 20
+    write_video_masks: bool = False
+    image_size: Annotated[int, Field(ge=16, le=512)] = 48
+    objects_train_per_class: PosInt = 400
+    objects_val_per_class: PosInt = 50
+    scenes_train_per_class: PosInt = 300
+    scenes_val_per_class: PosInt = 50
+    scene_person_prob: Fraction = 0.5
+    bu101_per_class: PosInt = 120
+    stanford40_train_per_class: PosInt = 40
+    stanford40_test_per_class: PosInt = 20
+    parsing_train: PosInt = 1200
+    parsing_val: PosInt = 200
+    noise_std: Annotated[float, Field(ge=0.0, le=128.0)] = 8.0
+    camera_jitter_px: Annotated[float, Field(ge=0.0)] = 0.7
+    camera_pan: Annotated[float, Field(ge=0.0)] = 0.3
+    zoom_range: Annotated[float, Field(ge=0.0)] = 0.2
+    speed_range: Annotated[float, Field(ge=1.0)] = 1.5
+    amplitude_var: Fraction = 0.25
+    person_height: Annotated[float, Field(gt=0.0, le=1.0)] = 0.75
+    body_size_var: Fraction = 0.15
+    brightness_var: Fraction = 0.2
+    scene_correlation: Fraction = 0.3
+    object_correlation: Fraction = 0.5
+    no_object_prob: Fraction = 0.2
+
+
+class IngestParams(Section):
+    short_side: Annotated[int, Field(ge=16, le=1024)] = 48  # frames resized to this short side
+    num_shards: Annotated[int, Field(ge=1, le=4096)] = 4  # fixed, so the DAG stays static
+    codec: Literal["jpeg", "raw"] = "raw"  # per-frame storage, chosen by measurement (README)
+    jpeg_quality: Annotated[int, Field(ge=10, le=100)] = 90
+    min_frames: PosInt = 16  # shorter videos are rejected: no sampler can fill a clip
+    strict: bool = False  # any rejected input fails the stage
+    seed: NonNegInt = 0  # draws the labeled subsets
+    percents: tuple[Annotated[int, Field(ge=1, le=100)], ...] = (1, 5, 10, 20, 50)
+
+
+class ClipParams(Section):
+    frames: Annotated[int, Field(ge=1, le=128)] = 8
+    stride: Annotated[int, Field(ge=1, le=16)] = 2
+    crop: Annotated[int, Field(ge=8, le=512)] = 40
+    test_clips: Annotated[int, Field(ge=1, le=32)] = 5  # K uniformly spaced clips per test video
+    three_crop: bool = True  # x 3 spatial crops per clip at test time
+
+
+class ModelParams(Section):
+    name: Literal["r3d_18", "r2plus1d_18", "tsn_resnet18", "tsn_resnet50"] = "r3d_18"
+    width: Annotated[int, Field(ge=1, le=256)] = 8
+    layers: tuple[PosInt, PosInt, PosInt, PosInt] | None = (1, 1, 1, 1)
+    stem_stride: Annotated[int, Field(ge=1, le=8)] = 4
+    stem_pool: bool | None = False
+
+
+class TrainParams(Section):
+    epochs: Annotated[int, Field(ge=1, le=10000)] = 30
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.05
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9
+    weight_decay: Annotated[float, Field(ge=0.0, le=1.0)] = 5e-4
+    nesterov: bool = False
+    schedule: Literal["constant", "step", "cosine", "plateau"] = "cosine"
+    milestones: tuple[PosInt, ...] = ()
+    gamma: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    warmup_epochs: NonNegInt = 2
+    plateau_patience: PosInt = 10
+    plateau_factor: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.5
+    grad_clip: Annotated[float, Field(gt=0.0)] | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["off", "bf16", "fp16"] = "off"
+    channels_last: bool = False
+    val_every: PosInt = 1
+    val_fraction: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.15  # carved from train, by group
+    workers: NonNegInt = 0  # DataLoader worker processes per run
+
+
+class AugmentParams(Section):
+    """Teaching Yourself's video-consistent augmentation (pipeline.data.augment.VideoAugment)."""
+
+    ops: tuple[
+        Literal["flip", "contrast", "brightness", "hue", "blur", "channel_split", "noise"], ...
+    ] = ("flip", "contrast", "brightness", "hue", "blur", "channel_split", "noise")
+    p: Fraction = 0.5
+    noise_std: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+
+
+class SelfKDParams(Section):
+    tau: Annotated[float, Field(gt=0.0)] = 5.0  # the paper's best; the authors' code: 10
+    lam: Annotated[float, Field(ge=0.0)] = 0.2  # the paper's best; the authors' code: 0.1
+    teacher_init: Literal["none", "random"] = "none"  # before the first val improvement
+    tau_squared: bool = False  # Hinton's tau^2 factor; the authors' code has none
+
+
+class SeedsTable(Section):
+    seeds: tuple[NonNegInt, ...] = (0, 1, 2)
+
+
+class SelfKDGridTable(Section):
+    taus: tuple[Annotated[float, Field(gt=0.0)], ...] = (5.0, 10.0, 20.0)
+    lambdas: tuple[Annotated[float, Field(ge=0.0)], ...] = (0.1, 0.2, 0.5)
+    seeds: tuple[NonNegInt, ...] = (0,)
+
+
+class TablesParams(Section):
+    selfkd_table3: SeedsTable = SeedsTable()
+    selfkd_table8: SelfKDGridTable = SelfKDGridTable()
+
+
+class Params(Section):
+    dataset: str = "synth"  # the video dataset every stage runs on (a key of `datasets`)
+    datasets: dict[str, VideoDataset]
+    synth: SynthParams = SynthParams()
+    ingest: IngestParams = IngestParams()
+    clips: ClipParams = ClipParams()
+    model: ModelParams = ModelParams()
+    train: TrainParams = TrainParams()
+    augment: AugmentParams = AugmentParams()
+    selfkd: SelfKDParams = SelfKDParams()
+    tables: TablesParams = TablesParams()
+
+    @model_validator(mode="after")
+    def _dataset_known(self):
+        if self.dataset not in self.datasets:
+            known = ", ".join(sorted(self.datasets))
+            raise ValueError(f"dataset '{self.dataset}' is not a key of datasets ({known})")
+        return self
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc) or "<root>"
+
+
+def validate_params(raw: dict) -> Params:
+    """Validate a params dict; raise ConfigError naming the first bad dotted key."""
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = first["loc"]
+        message = first["msg"]
+        if first["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif first["type"] == "value_error" and not loc:
+            message = message.removeprefix("Value error, ")
+        raise ConfigError(f"params: {_dotted(loc)}: {message}") from None
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params: file {path} not found (run from the project root)")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"params: {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"params: {path} must hold a mapping of sections")
+    return validate_params(raw)
+
+
+def lookup(params: Params, dotted: str):
+    """The value at a dotted key ('ingest.codec', 'datasets.synth'), as plain data."""
+    value = params.model_dump(mode="json")
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ConfigError(f"params: {dotted}: no such key")
+        value = value[part]
+    return value
+
+
+class DeclaredParams:
+    """A view of the validated params exposing only the keys a stage declared.
+
+    Stages read params through this view so that an undeclared read fails loudly instead of
+    silently escaping the DAG's change tracking (Snakemake `params:` and DVC `params:`).
+    """
+
+    def __init__(self, value, declared: tuple[str, ...], prefix: str = ""):
+        self._value = value
+        self._declared = declared
+        self._prefix = prefix
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        dotted = f"{self._prefix}.{name}" if self._prefix else name
+        if isinstance(self._value, dict):
+            if name not in self._value:
+                raise AttributeError(f"params has no key '{dotted}'")
+            child = self._value[name]
+        else:
+            child = getattr(self._value, name)
+        if any(dotted == key or dotted.startswith(key + ".") for key in self._declared):
+            return child
+        if any(key.startswith(dotted + ".") for key in self._declared):
+            return DeclaredParams(child, self._declared, dotted)
+        raise ConfigError(f"stage reads params key '{dotted}' but does not declare it")
+
+    def __getitem__(self, name: str):
+        return self.__getattr__(name)

@@ -1,0 +1,642 @@
+"""The embedded default dataset: a synthetic action world written in real datasets' layouts.
+
+Videos (UCF101 layout, H.264 .mp4) show a rendered articulated person performing one of 12
+actions. Some actions are recognisable from a single frame's pose (RaiseArms, Punch, Kick, ...),
+others only from motion or temporal order (WalkLeft vs WalkRight, SitDown vs StandUp). Scenes
+correlate weakly and held objects moderately with the action, so still-image teachers trained on
+the image datasets written alongside (objects ~ ImageNet, scenes ~ Places365, bu101, stanford40,
+parsing ~ SCHP/LIP with Pascal-Person-Part labels) carry information that helps. Videos come in
+groups (gXX) sharing actor appearance, scene and object, as in UCF101, and split 1 puts whole
+groups in the test list.
+
+Every random choice comes from `np.random.default_rng([seed, stream, *keys])`, one stream per
+dataset and one key per item, so the world does not depend on the number of workers or the order
+in which they finish. Drawing lives in pipeline.data.render.
+"""
+
+import dataclasses
+import json
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+from pipeline.data import render
+from pipeline.data.render import (
+    HAIR_COLORS,
+    OBJECT_COLORS,
+    OBJECT_NAMES,
+    PART_NAMES,
+    POSES,
+    SCENE_NAMES,
+    SCENES,
+    SKIN_TONES,
+    VIDEO_ACTIONS,
+    Clip,
+    Look,
+)
+from pipeline.errors import DataError
+from pipeline.io import atomic_path
+
+ACTION_NAMES = tuple(VIDEO_ACTIONS)
+
+# Stanford40-style still actions: overlap the video classes' poses partly, plus poses that no
+# video shows. Value = the pose (key of render.POSES) the image shows.
+STANFORD40_ACTIONS = {
+    "applauding": "Clap",
+    "hands_on_hips": "hands_on_hips",
+    "jumping": "Jump",
+    "pointing": "pointing",
+    "raising_arms": "RaiseArms",
+    "sitting": "SitDown",
+    "standing_on_one_leg": "standing_on_one_leg",
+    "stretching_arms": "stretching_arms",
+    "walking": "WalkLeft",
+    "waving_hands": "Wave",
+}
+
+# One random stream per kind of item; keys within a stream identify the item.
+_STREAMS = {
+    "group": 1,
+    "clip": 2,
+    "objects": 3,
+    "scenes": 4,
+    "bu101": 5,
+    "stanford40": 6,
+    "parsing": 7,
+    "splits": 8,
+}
+
+
+@dataclass(frozen=True)
+class WorldSpec:
+    """Every knob of the synthetic world. Same spec => the same decoded frames and list files."""
+
+    seed: int = 0  # root of every random stream
+    frame_height: int = 48  # video frame height in pixels (even: H.264 yuv420p)
+    frame_width: int = 64  # video width; 4:3 like UCF101 (decord misreads widths 16/24/48/72)
+    num_frames: int = 32  # frames per video
+    fps: int = 25  # video frame rate
+    classes: tuple[str, ...] = ACTION_NAMES  # video action classes, a subset of ACTION_NAMES
+    groups_per_class: int = 25  # UCF-style groups (shared actor, scene, object) per class
+    clips_per_group: int = 5  # videos per group
+    test_groups: int = 7  # groups 1..test_groups go to testlist01, the rest to trainlist01
+    crf: int = 20  # libx264 constant rate factor (lower = better quality, bigger files)
+    write_video_masks: bool = False  # also write <out>/masks/<Class>/<video>.npz part masks
+    image_size: int = 48  # side of every still image (square)
+    objects_train_per_class: int = 400  # ImageNet analogue, 10 classes: the largest image set
+    objects_val_per_class: int = 50
+    scenes_train_per_class: int = 300  # Places365 analogue, 8 categories
+    scenes_val_per_class: int = 50
+    scene_person_prob: float = 0.5  # P(a scene image also shows a person)
+    bu101_per_class: int = 120  # still frames of the video actions
+    stanford40_train_per_class: int = 40  # 10 still actions: the smallest image set
+    stanford40_test_per_class: int = 20
+    parsing_train: int = 1200  # person images with Pascal-Person-Part label maps
+    parsing_val: int = 200
+    noise_std: float = 8.0  # per-pixel Gaussian noise std on the 0-255 scale
+    camera_jitter_px: float = 0.7  # per-frame camera shake std in pixels
+    camera_pan: float = 0.3  # camera pans up to this many world units (frame height = 2) a clip
+    zoom_range: float = 0.2  # zoom drawn log-uniformly from [1 / (1 + z), 1 + z]
+    speed_range: float = 1.5  # playback speed drawn log-uniformly from [1 / s, s]
+    amplitude_var: float = 0.25  # per-clip motion amplitude drawn from [1 - a, 1 + a]
+    person_height: float = 0.75  # a standing person's height as a fraction of the frame height
+    body_size_var: float = 0.15  # per-group body height drawn from [1 - b, 1 + b] x person_height
+    brightness_var: float = 0.2  # per-clip lighting gain drawn from [1 - v, 1 + v]
+    scene_correlation: float = 0.3  # P(a group's scene is its action's preferred one), else uniform
+    object_correlation: float = (
+        0.5  # P(a group's object is its action's preferred one), else uniform
+    )
+    no_object_prob: float = 0.2  # P(a group's actor holds nothing)
+
+    def __post_init__(self):
+        unknown = sorted(set(self.classes) - set(ACTION_NAMES))
+        if unknown or len(set(self.classes)) != len(self.classes) or not self.classes:
+            raise ValueError(
+                f"classes must be distinct names from {ACTION_NAMES}, got {self.classes}"
+            )
+        if self.frame_height % 2 or self.frame_width % 2:
+            raise ValueError("frame_height and frame_width must be even (H.264 yuv420p)")
+        if not 1 <= self.test_groups < self.groups_per_class <= 99:
+            raise ValueError("need 1 <= test_groups < groups_per_class <= 99 (two-digit gXX)")
+        if not 1 <= self.clips_per_group <= 99:
+            raise ValueError("clips_per_group must be in 1..99 (two-digit cYY)")
+        for name in (
+            "scene_correlation",
+            "object_correlation",
+            "no_object_prob",
+            "scene_person_prob",
+        ):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1]")
+
+    @property
+    def class_names(self) -> list[str]:
+        """Video classes in classInd order (alphabetical, as in UCF101)."""
+        return sorted(self.classes)
+
+
+def _rng(spec: WorldSpec, stream: str, *keys: int) -> np.random.Generator:
+    return np.random.default_rng([spec.seed, _STREAMS[stream], *keys])
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling looks and clips.
+
+
+def sample_look(
+    rng: np.random.Generator,
+    spec: WorldSpec,
+    *,
+    scene: str,
+    scene_correlation: float,
+    obj: str,
+    object_correlation: float,
+) -> Look:
+    """An actor, scene and held object: the preferred `scene`/`obj` with the given probability,
+    otherwise uniform (an empty `scene`/`obj` preference means uniform)."""
+    if not (scene and rng.random() < scene_correlation):
+        scene = str(rng.choice(SCENE_NAMES))
+    style = SCENES[scene]
+    size_var = spec.body_size_var
+    scene_colors = np.clip(np.array(style.colors, float) + rng.normal(0, 12, (4, 3)), 0, 255)
+    if rng.random() < spec.no_object_prob:
+        obj = ""
+    elif not (obj and rng.random() < object_correlation):
+        obj = str(rng.choice(OBJECT_NAMES))
+    obj_color = np.clip(
+        np.array(OBJECT_COLORS[obj or "ball"], float) + rng.normal(0, 15, 3), 0, 255
+    )
+    skin = np.array(SKIN_TONES[rng.integers(len(SKIN_TONES))], float) + rng.normal(0, 8, 3)
+    return Look(
+        scene=scene,
+        scene_colors=scene_colors,
+        scene_freq=float(rng.uniform(0.8, 1.25)),
+        scene_phase=(float(rng.random()), float(rng.random())),
+        horizon=style.horizon + float(rng.uniform(-0.12, 0.12)),
+        skin=np.clip(skin, 0, 255),
+        hair=np.array(HAIR_COLORS[rng.integers(len(HAIR_COLORS))], float),
+        shirt=render.random_color(rng, sat=(0.3, 0.9), val=(0.35, 0.95)),
+        pants=render.random_color(rng, sat=(0.1, 0.6), val=(0.15, 0.6)),
+        long_sleeves=bool(rng.random() < 0.5),
+        shorts=bool(rng.random() < 0.3),
+        body_size=2 * spec.person_height * float(rng.uniform(1 - size_var, 1 + size_var)),
+        obj=obj,
+        obj_color=obj_color,
+    )
+
+
+def sample_clip(rng: np.random.Generator, spec: WorldSpec, action: str, look: Look) -> Clip:
+    """Timing, placement, camera and lighting of one rendering of `action` with `look`."""
+    log_speed, log_zoom = np.log(spec.speed_range), np.log(1 + spec.zoom_range)
+    return Clip(
+        action=action,
+        look=look,
+        phase0=float(rng.random()),
+        mid=float(rng.uniform(0.35, 0.65)),  # symmetric about 0.5: reversing time keeps the law
+        speed=float(np.exp(rng.uniform(-log_speed, log_speed))),
+        amplitude=float(rng.uniform(1 - spec.amplitude_var, 1 + spec.amplitude_var)),
+        mirrored=bool(POSES[action].mirror and rng.random() < 0.5),
+        x_mid=float(rng.uniform(-0.45, 0.45)),
+        walk_dist=float(rng.uniform(0.35, 0.55)),
+        ground=float(rng.uniform(-0.95, -0.83)),
+        zoom=float(np.exp(rng.uniform(-log_zoom, log_zoom))),
+        cam=(float(rng.uniform(-0.1, 0.1)), float(rng.uniform(-0.1, 0.1))),
+        pan=(
+            float(rng.uniform(-1, 1) * spec.camera_pan),
+            float(rng.uniform(-0.3, 0.3) * spec.camera_pan),
+        ),
+        shake_px=spec.camera_jitter_px,
+        shake_seed=int(rng.integers(2**31)),
+        brightness=float(rng.uniform(1 - spec.brightness_var, 1 + spec.brightness_var)),
+        noise_std=spec.noise_std,
+        noise_seed=int(rng.integers(2**31)),
+    )
+
+
+def video_clip(spec: WorldSpec, class_name: str, group: int, clip: int) -> Clip:
+    """The rendering parameters of video v_<class_name>_g<group>_c<clip> (1-based group, clip)."""
+    class_key = ACTION_NAMES.index(class_name)
+    action = VIDEO_ACTIONS[class_name]
+    look = sample_look(
+        _rng(spec, "group", class_key, group),
+        spec,
+        scene=action.scene,
+        scene_correlation=spec.scene_correlation,
+        obj=action.obj,
+        object_correlation=spec.object_correlation,
+    )
+    return sample_clip(_rng(spec, "clip", class_key, group, clip), spec, class_name, look)
+
+
+def render_video(
+    spec: WorldSpec, class_name: str, group: int, clip: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Frames (T, H, W, 3) uint8 as encoded into the video, body-part masks (T, H, W) in 0..6."""
+    times = np.arange(spec.num_frames) / spec.num_frames
+    return render.render_clip(
+        video_clip(spec, class_name, group, clip), spec.frame_height, spec.frame_width, times
+    )
+
+
+def video_name(class_name: str, group: int, clip: int) -> str:
+    return f"v_{class_name}_g{group:02d}_c{clip:02d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Still images.
+
+
+def _random_person(
+    rng: np.random.Generator, spec: WorldSpec, pose: str, look: Look, representative: bool
+):
+    """A clip of `pose` and the clip time to render: a random moment, or the most un-standing
+    of a few random moments (a photo of an action catches it at its most characteristic)."""
+    clip = sample_clip(rng, spec, pose, look)
+    candidates = rng.random(8)
+    if representative:
+        return clip, float(
+            candidates[np.argmax(render.pose_deviation(render.action_pose(clip, candidates)))]
+        )
+    return clip, float(candidates[0])
+
+
+def _uniform_look(rng, spec: WorldSpec, scene: str = "") -> Look:
+    return sample_look(
+        rng, spec, scene=scene, scene_correlation=1.0, obj="", object_correlation=0.0
+    )
+
+
+def _still(clip: Clip, spec: WorldSpec, t: float) -> tuple[np.ndarray, np.ndarray]:
+    frames, parts = render.render_clip(clip, spec.image_size, spec.image_size, [t])
+    return frames[0], parts[0]
+
+
+def _object_image(rng, spec: WorldSpec, obj: str) -> np.ndarray:
+    """An object of class `obj` at a random size, position and angle over a random scene."""
+    look = _uniform_look(rng, spec)
+    clip = dataclasses.replace(sample_clip(rng, spec, "RaiseArms", look), person=False)
+    x, y = render.camera_grid(clip, spec.image_size, spec.image_size, np.array([0.5]))
+    image = render.paint_scene(look, x, y)
+    color = np.clip(np.array(OBJECT_COLORS[obj], float) + rng.normal(0, 15, 3), 0, 255)
+    centre = rng.uniform(-0.5, 0.5, (1, 2)) + np.array(clip.cam)
+    radius = float(rng.uniform(0.12, 0.5)) / clip.zoom  # small (as held in videos) to close-up
+    inside = render.object_mask(obj, x, y, centre, radius, rng.uniform(0, 2 * np.pi, 1))
+    image[inside] = color
+    return render.finish(image, clip.brightness, clip.noise_std, clip.noise_seed)[0]
+
+
+def _save_jpeg(path: Path, image: np.ndarray) -> None:
+    Image.fromarray(image).save(path, quality=90)
+
+
+def _write_objects(spec: WorldSpec, root: Path, split: str, obj: str) -> int:
+    split_key = ("train", "val").index(split)
+    count = spec.objects_train_per_class if split == "train" else spec.objects_val_per_class
+    folder = root / "images" / "objects" / split / obj
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        rng = _rng(spec, "objects", OBJECT_NAMES.index(obj), split_key, i)
+        _save_jpeg(folder / f"{obj}_{i}.JPEG", _object_image(rng, spec, obj))
+    return count
+
+
+def _write_scenes(spec: WorldSpec, root: Path, split: str, scene: str) -> int:
+    split_key = ("train", "val").index(split)
+    count = spec.scenes_train_per_class if split == "train" else spec.scenes_val_per_class
+    folder = root / "images" / "scenes" / split / scene
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        rng = _rng(spec, "scenes", SCENE_NAMES.index(scene), split_key, i)
+        look = _uniform_look(rng, spec, scene=scene)
+        clip, t = _random_person(
+            rng, spec, str(rng.choice(ACTION_NAMES)), look, representative=False
+        )
+        clip = dataclasses.replace(clip, person=bool(rng.random() < spec.scene_person_prob))
+        _save_jpeg(folder / f"{i + 1:08d}.jpg", _still(clip, spec, t)[0])
+    return count
+
+
+def _write_bu101(spec: WorldSpec, root: Path, class_name: str) -> int:
+    folder = root / "images" / "bu101"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(spec.bu101_per_class):
+        rng = _rng(spec, "bu101", ACTION_NAMES.index(class_name), i)
+        look = _uniform_look(rng, spec)
+        clip, t = _random_person(rng, spec, class_name, look, representative=True)
+        _save_jpeg(folder / f"{class_name}_{i + 1:04d}.jpg", _still(clip, spec, t)[0])
+    return spec.bu101_per_class
+
+
+def _write_stanford40(spec: WorldSpec, root: Path, action: str) -> int:
+    folder = root / "images" / "stanford40" / "JPEGImages"
+    folder.mkdir(parents=True, exist_ok=True)
+    count = spec.stanford40_train_per_class + spec.stanford40_test_per_class
+    for i in range(count):
+        rng = _rng(spec, "stanford40", list(STANFORD40_ACTIONS).index(action), i)
+        look = _uniform_look(rng, spec)
+        clip, t = _random_person(rng, spec, STANFORD40_ACTIONS[action], look, representative=True)
+        _save_jpeg(folder / f"{action}_{i + 1:03d}.jpg", _still(clip, spec, t)[0])
+    return count
+
+
+def _parsing_ids(spec: WorldSpec, split: str) -> list[str]:
+    # LIP-style numeric ids, val numbered after train so ids are unique across splits.
+    start, count = (
+        (0, spec.parsing_train) if split == "train" else (spec.parsing_train, spec.parsing_val)
+    )
+    return [f"{i:07d}" for i in range(start, start + count)]
+
+
+def _write_parsing(spec: WorldSpec, root: Path, split: str, ids: list[str]) -> int:
+    images = root / "images" / "parsing" / f"{split}_images"
+    labels = root / "images" / "parsing" / f"{split}_segmentations"
+    images.mkdir(parents=True, exist_ok=True)
+    labels.mkdir(parents=True, exist_ok=True)
+    for image_id in ids:
+        rng = _rng(spec, "parsing", int(image_id))
+        look = sample_look(
+            rng, spec, scene="", scene_correlation=0.0, obj="", object_correlation=0.0
+        )
+        clip, t = _random_person(
+            rng, spec, str(rng.choice(list(POSES))), look, representative=False
+        )
+        frame, parts = _still(clip, spec, t)
+        _save_jpeg(images / f"{image_id}.jpg", frame)
+        Image.fromarray(parts).save(labels / f"{image_id}.png")
+    return len(ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Videos.
+
+
+def write_mp4(path: Path, frames: np.ndarray, fps: int, crf: int) -> None:
+    """H.264 yuv420p with one encoder thread: x264 output is deterministic only single-threaded.
+    Preset veryfast: at these sizes it is twice as fast as the default and no bigger."""
+    options = {"crf": str(crf), "preset": "veryfast", "threads": "1"}
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps, options=options)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.thread_count = 1
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+def _write_video(spec: WorldSpec, root: Path, class_name: str, group: int, clip: int) -> int:
+    frames, parts = render_video(spec, class_name, group, clip)
+    name = video_name(class_name, group, clip)
+    folder = root / "videos" / class_name
+    folder.mkdir(parents=True, exist_ok=True)
+    write_mp4(folder / f"{name}.mp4", frames, spec.fps, spec.crf)
+    if spec.write_video_masks:
+        mask_folder = root / "masks" / class_name
+        mask_folder.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(mask_folder / f"{name}.npz", parts=parts)
+    return 1
+
+
+_WRITERS = {
+    "videos": _write_video,
+    "objects": _write_objects,
+    "scenes": _write_scenes,
+    "bu101": _write_bu101,
+    "stanford40": _write_stanford40,
+    "parsing": _write_parsing,
+}
+
+
+def _run_task(task: tuple) -> tuple[str, int]:
+    kind, spec, root, *keys = task
+    return kind, _WRITERS[kind](spec, root, *keys)
+
+
+def _tasks(spec: WorldSpec, root: Path) -> list[tuple]:
+    """Independent units of work; image chunks first so no long task starts last."""
+    tasks = [
+        ("objects", spec, root, split, obj) for split in ("train", "val") for obj in OBJECT_NAMES
+    ]
+    tasks += [
+        ("scenes", spec, root, split, scene) for split in ("train", "val") for scene in SCENE_NAMES
+    ]
+    tasks += [("bu101", spec, root, name) for name in spec.class_names]
+    tasks += [("stanford40", spec, root, action) for action in STANFORD40_ACTIONS]
+    for split in ("train", "val"):
+        ids = _parsing_ids(spec, split)
+        tasks += [("parsing", spec, root, split, ids[i : i + 100]) for i in range(0, len(ids), 100)]
+    tasks += [
+        ("videos", spec, root, name, group, clip)
+        for name in spec.class_names
+        for group in range(1, spec.groups_per_class + 1)
+        for clip in range(1, spec.clips_per_group + 1)
+    ]
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------
+# List files.
+
+
+def _write_lines(path: Path, lines: list[str], newline: str = "\n") -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes("".join(line + newline for line in lines).encode())
+
+
+def _write_ucf_lists(spec: WorldSpec, root: Path) -> tuple[int, int]:
+    """classInd/trainlist01/testlist01 in the official format, CRLF line endings included."""
+    lists = root / "ucfTrainTestlist"
+    names = spec.class_names
+    _write_lines(lists / "classInd.txt", [f"{i} {name}" for i, name in enumerate(names, 1)], "\r\n")
+    train, test = [], []
+    for label, name in enumerate(names, 1):
+        for group in range(1, spec.groups_per_class + 1):
+            for clip in range(1, spec.clips_per_group + 1):
+                path = f"{name}/{video_name(name, group, clip)}.mp4"
+                if group <= spec.test_groups:
+                    test.append(path)
+                else:
+                    train.append(f"{path} {label}")
+    _write_lines(lists / "trainlist01.txt", train, "\r\n")
+    _write_lines(lists / "testlist01.txt", test, "\r\n")
+    return len(train), len(test)
+
+
+def _write_image_lists(spec: WorldSpec, root: Path) -> None:
+    images = root / "images"
+    _write_lines(
+        images / "scenes" / "categories_places365.txt",
+        [f"/{name[0]}/{name} {i}" for i, name in enumerate(SCENE_NAMES)],
+    )
+    splits = images / "stanford40" / "ImageSplits"
+    counts, train_all, test_all = [], [], []
+    for key, action in enumerate(STANFORD40_ACTIONS):
+        count = spec.stanford40_train_per_class + spec.stanford40_test_per_class
+        order = _rng(spec, "splits", key).permutation(count) + 1  # file numbers, shuffled
+        train = [f"{action}_{i:03d}.jpg" for i in sorted(order[: spec.stanford40_train_per_class])]
+        test = [f"{action}_{i:03d}.jpg" for i in sorted(order[spec.stanford40_train_per_class :])]
+        _write_lines(splits / f"{action}_train.txt", train)
+        _write_lines(splits / f"{action}_test.txt", test)
+        train_all += train
+        test_all += test
+        counts.append(f"{action}\t{count}")
+    _write_lines(splits / "train.txt", train_all)
+    _write_lines(splits / "test.txt", test_all)
+    _write_lines(splits / "actions.txt", ["action_name\tnumber_of_images", *counts])
+    for split in ("train", "val"):
+        _write_lines(images / "parsing" / f"{split}_id.txt", _parsing_ids(spec, split))
+
+
+# ---------------------------------------------------------------------------------------------
+# The world.
+
+
+def _check_decord_reads(spec: WorldSpec, folder: Path) -> None:
+    """decord returns 4-channel frames for some widths (16, 24, 48, 72; dmlc/decord#93, #336),
+    which ingest cannot use: refuse such a spec before spending minutes on it."""
+    import decord
+
+    probe = folder / "probe.mp4"
+    write_mp4(
+        probe, np.zeros((2, spec.frame_height, spec.frame_width, 3), np.uint8), spec.fps, spec.crf
+    )
+    shape = decord.VideoReader(str(probe))[0].shape
+    probe.unlink()
+    if tuple(shape) != (spec.frame_height, spec.frame_width, 3):
+        raise ValueError(
+            f"decord decodes {spec.frame_height}x{spec.frame_width} videos as {tuple(shape)} "
+            f"(dmlc/decord#93): choose another frame_width, e.g. 64"
+        )
+
+
+def _spec_json(spec: WorldSpec) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(spec)))
+
+
+def generate_world(out_dir: Path, spec: WorldSpec, workers: int = 1) -> dict:
+    """Write the whole world to `out_dir` (replacing it) and return a summary.
+
+    The world is built in a hidden sibling folder and renamed into place at the end, so a killed
+    run leaves no complete-looking `out_dir`. Results do not depend on `workers`.
+    """
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        _check_decord_reads(spec, tmp)
+        tasks = _tasks(spec, tmp)
+        counts: Counter = Counter()
+        with tqdm(total=len(tasks), desc="synth", unit="task", disable=None) as bar:
+            if workers > 1:
+                # spawn: no forked copies of a parent's threads (torch, tqdm) in the workers.
+                with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                    for kind, n in pool.imap_unordered(_run_task, tasks, chunksize=4):
+                        counts[kind] += n
+                        bar.update()
+            else:
+                for task in tasks:
+                    kind, n = _run_task(task)
+                    counts[kind] += n
+                    bar.update()
+        train, test = _write_ucf_lists(spec, tmp)
+        _write_image_lists(spec, tmp)
+        summary = {**{k: counts[k] for k in _WRITERS}, "train_videos": train, "test_videos": test}
+        (tmp / "world.json").write_text(
+            json.dumps({"spec": _spec_json(spec), "counts": summary}, indent=2) + "\n"
+        )
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**summary, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Rename `new` to `target`; an existing `target` is moved aside first, then deleted
+    (rename cannot replace a non-empty folder in one step)."""
+    if target.exists():
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+        os.replace(target, old / "previous")
+        os.replace(new, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(new, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample figure.
+
+PART_COLORS = np.array(
+    [
+        (0, 0, 0),
+        (230, 60, 60),
+        (60, 120, 230),
+        (60, 200, 90),
+        (240, 200, 40),
+        (190, 80, 220),
+        (40, 210, 210),
+    ],
+    float,
+)
+
+
+def _decode(path: Path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+
+
+def write_sample_figure(raw_dir: Path, out_png: Path, spec: WorldSpec, num_times: int = 6) -> None:
+    """PNG with one row per class: frames across time of its g01_c01 video, then the body-part
+    mask of the middle frame over that frame (masks re-rendered from `spec`)."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    raw_dir = Path(raw_dir)
+    world = json.loads((raw_dir / "world.json").read_text())
+    if world["spec"] != _spec_json(spec):
+        raise DataError(f"{raw_dir / 'world.json'}: the world was generated from a different spec")
+    names = [
+        line.split()[1]
+        for line in (raw_dir / "ucfTrainTestlist" / "classInd.txt").read_text().splitlines()
+    ]
+    aspect = spec.frame_width / spec.frame_height
+    fig = Figure(figsize=(1.3 * aspect * (num_times + 1) + 1.5, 1.3 * len(names) + 1.2))
+    axes = fig.subplots(len(names), num_times + 1, squeeze=False)
+    for row, name in enumerate(names):
+        frames = _decode(raw_dir / "videos" / name / f"{video_name(name, 1, 1)}.mp4")
+        picks = np.linspace(0, len(frames) - 1, num_times).round().astype(int)
+        mid = len(frames) // 2
+        parts = render_video(spec, name, 1, 1)[1][mid]
+        overlay = np.where(
+            parts[..., None] > 0, 0.4 * frames[mid] + 0.6 * PART_COLORS[parts], frames[mid]
+        )
+        for col, image in enumerate([*(frames[k] for k in picks), overlay.astype(np.uint8)]):
+            ax = axes[row, col]
+            ax.imshow(image, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(
+                    f"frame {picks[col]}" if col < num_times else f"parts, frame {mid}", fontsize=9
+                )
+        axes[row, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=10)
+    handles = [
+        Patch(color=PART_COLORS[i] / 255, label=PART_NAMES[i]) for i in range(1, len(PART_NAMES))
+    ]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
+    inch = 1 / fig.get_figheight()  # margins in inches, whatever the number of classes
+    fig.suptitle("Synthetic action world: one video per class (g01_c01)", y=1 - 0.15 * inch)
+    fig.subplots_adjust(left=0.15, right=0.98, top=1 - 0.8 * inch, bottom=0.5 * inch)
+    with atomic_path(out_png, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)

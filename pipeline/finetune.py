@@ -1,0 +1,152 @@
+"""One supervised training run on a dataset's shards: data, model, method, fit, test.
+
+The `train` stage calls `train_run`; every supervised method (the baseline, Teaching Yourself, and
+later the fine-tuning of pretrained students) goes through it, so they share splits, clips,
+evaluation and outputs. Model selection never sees the test split: validation is carved from the
+train split by group (pipeline.data.splits.carve_validation).
+"""
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.dag import RunSpec
+from pipeline.data.augment import VideoAugment
+from pipeline.data.clips import ClipDataset
+from pipeline.data.samplers import DenseSampler, UniformClipsSampler
+from pipeline.data.splits import carve_validation
+from pipeline.evaluate import confusion_figure, evaluate
+from pipeline.io import write_json_atomic
+from pipeline.methods.selfkd import TeachingYourself
+from pipeline.methods.supervised import Supervised
+from pipeline.models import build_video_model
+from pipeline.train import TrainSpec, fit, make_loader, seed_everything
+
+METHODS = ("supervised", "selfkd")
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    frames: int  # frames per clip
+    stride: int  # temporal stride between them
+    crop: int  # square crop side, pixels
+    test_clips: int  # K uniformly spaced clips per test video
+    three_crop: bool  # x 3 spatial crops per clip at test time
+
+
+def _build_method(run: RunSpec, model: torch.nn.Module, selfkd: dict):
+    if run.method == "supervised":
+        return Supervised(model)
+    if run.method == "selfkd":
+        return TeachingYourself(
+            model,
+            tau=run.tau,
+            lam=run.lam,
+            teacher_init=selfkd.teacher_init,
+            tau_squared=selfkd.tau_squared,
+            teacher_seed=run.seed,
+        )
+    raise ValueError(f"unknown method {run.method!r}; choose from {METHODS}")
+
+
+def split_rows(manifest: pd.DataFrame, split_col: str, val_fraction: float, seed: int) -> dict:
+    """Row numbers of train (minus validation), validation and test videos."""
+    val = carve_validation(manifest, split_col, val_fraction, seed).to_numpy()
+    train = (manifest[split_col] == "train").to_numpy()
+    test = (manifest[split_col] == "test").to_numpy()
+    return {
+        "train": np.flatnonzero(train & ~val),
+        "val": np.flatnonzero(val),
+        "test": np.flatnonzero(test),
+    }
+
+
+def train_run(
+    shard_dir: Path,
+    run_dir: Path,
+    *,
+    run: RunSpec,
+    split: int,
+    clips: ClipSpec,
+    model: dict,
+    train: dict,
+    augment: dict | None,
+    selfkd=None,  # the `selfkd` params section, for selfkd runs
+    threads: int,
+    params: dict,
+) -> dict:
+    """Train one run and test it; writes run_dir/{model.pt, metrics.json, confusion.png}.
+
+    `model` holds build_video_model's keywords plus `name`; `train` holds TrainSpec's fields plus
+    batch_size, val_fraction, workers. `params` (the stage's declared params and the run) keys the
+    run directory, so a rerun with the same params resumes and other params start afresh.
+    """
+    train = dict(train)
+    batch_size = train.pop("batch_size")
+    val_fraction = train.pop("val_fraction")
+    workers = train.pop("workers")
+    spec = TrainSpec(**train, seed=run.seed, threads=threads)
+    torch.set_num_threads(threads)
+    split_col = f"split{split}"
+    manifest = pd.read_parquet(shard_dir / "manifest.parquet")
+    rows = split_rows(manifest, split_col, val_fraction, seed=0)
+    num_classes = int(manifest["label"].max()) + 1
+
+    train_set = ClipDataset(
+        shard_dir,
+        rows=rows["train"],
+        sampler=DenseSampler(clips.frames, clips.stride, train=True),
+        crop_size=clips.crop,
+        train=True,
+        seed=run.seed,
+        flip=not run.augment,  # the augmentation set has its own flip
+        augment=VideoAugment(**augment) if run.augment else None,
+    )
+    val_set = ClipDataset(
+        shard_dir,
+        rows=rows["val"],
+        sampler=DenseSampler(clips.frames, clips.stride, train=False),
+        crop_size=clips.crop,
+        train=False,
+    )
+    test_set = ClipDataset(
+        shard_dir,
+        rows=rows["test"],
+        sampler=UniformClipsSampler(clips.test_clips, clips.frames, clips.stride),
+        crop_size=clips.crop,
+        train=False,
+        three_crop=clips.three_crop,
+    )
+    loader_args = {"batch_size": batch_size, "seed": run.seed, "num_workers": workers}
+    train_loader = make_loader(train_set, shuffle=True, drop_last=True, **loader_args)
+    val_loader = make_loader(val_set, shuffle=False, distributed=False, **loader_args)
+    test_loader = make_loader(test_set, shuffle=False, distributed=False, **loader_args)
+
+    seed_everything(run.seed)  # before building, so initial weights depend on the seed alone
+    network = build_video_model(num_classes=num_classes, **model)
+    method = _build_method(run, network, selfkd)
+    history = fit(
+        method,
+        train_loader,
+        val_loader=val_loader,
+        run_dir=run_dir,
+        params={**params, "run": asdict(run)},
+        spec=spec,
+    )
+    device = next(network.parameters()).device
+    test = evaluate(network, test_loader, num_classes=num_classes, device=device, multi_view=True)
+    names = list(manifest.drop_duplicates("label").sort_values("label")["label_name"])
+    confusion_figure(
+        test.pop("video_confusion"), names, run_dir / "confusion.png", title=run_dir.name
+    )
+    test.pop("clip_confusion")
+    metrics = {**history, "test": test, "class_names": names, "splits": _sizes(rows)}
+    write_json_atomic(run_dir / "metrics.json", metrics)
+    return metrics
+
+
+def _sizes(rows: dict) -> dict:
+    return {name: len(indices) for name, indices in rows.items()}

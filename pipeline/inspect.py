@@ -1,0 +1,211 @@
+"""`describe(path)`: a human summary of a pipeline artifact (`python -m pipeline inspect PATH`).
+
+Each artifact kind is a (kind, recognises, describe) entry in `DESCRIBERS`; `describe` uses the
+first entry that recognises the path. A later stage adds its artifact kind (a run dir, a feature
+cache) by appending an entry, without touching the others.
+"""
+
+import collections
+import json
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+import h5py
+import pandas as pd
+
+from pipeline.data.shards import shard_path
+from pipeline.errors import DataError
+
+WIDTH = 100
+LABEL_WIDTH = 14
+EXAMPLES = 5  # rejected inputs listed by name
+NO_BREAK = "\u00a0"
+
+
+class Describer(NamedTuple):
+    kind: str  # what the artifact is, for the error listing the kinds known
+    recognises: Callable[[Path], bool]
+    describe: Callable[[Path], str]
+
+
+def describe(path: Path) -> str:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    for describer in DESCRIBERS:
+        if describer.recognises(path):
+            return describer.describe(path)
+    kinds = "; ".join(d.kind for d in DESCRIBERS)
+    raise DataError(f"{path}: not an artifact this pipeline knows how to describe (known: {kinds})")
+
+
+def _field(label: str, text: str | list[str], lead: str = "") -> str:
+    """`label` padded to a column, then `lead` and `text` wrapped under themselves; a list of items
+    wraps only between items."""
+    if isinstance(text, list):  # textwrap breaks at spaces only, not at no-break spaces
+        text = lead + ", ".join(item.replace(" ", NO_BREAK) for item in text)
+    indent = " " * (2 + LABEL_WIDTH)
+    wrapped = textwrap.fill(
+        text, WIDTH, initial_indent=indent, subsequent_indent=indent, break_on_hyphens=False
+    )
+    return f"  {label:<{LABEL_WIDTH}}" + wrapped[len(indent) :].replace(NO_BREAK, " ")
+
+
+def _size(num_bytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024 or unit == "GiB":
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def _counts(counter: dict) -> list[str]:
+    return [f"{key} {count:,}" for key, count in counter.items()]
+
+
+def _is_shard_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "manifest.parquet").is_file()
+
+
+def _is_incomplete_shard_folder(path: Path) -> bool:
+    return path.is_dir() and any(path.glob("shard-*.h5"))
+
+
+def describe_shards(shard_dir: Path) -> str:
+    manifest = pd.read_parquet(shard_dir / "manifest.parquet")
+    shards, problems = _shard_attrs(shard_dir, manifest)
+    codecs = sorted({str(attrs.get("codec")) for attrs in shards.values()})
+    datasets = sorted({str(attrs.get("dataset")) for attrs in shards.values()})
+    frames = manifest["num_frames"]
+    disk = sum(f.stat().st_size for f in shard_dir.iterdir() if f.is_file())
+    lines = [f"shard folder {shard_dir} (dataset {', '.join(datasets) or '?'})"]
+    lines.append(
+        _field(
+            "videos",
+            f"{len(manifest):,} in {len(shards)} shards, {int(frames.sum()):,} frames "
+            f"({_frame_range(frames)} per video), {_size(disk)} on disk",
+        )
+    )
+    lines.append(_field("codec", ", ".join(codecs) or "?"))
+    sizes = manifest.groupby(["height", "width"]).size().sort_values(ascending=False, kind="stable")
+    lines.append(_field("frame size", _counts({f"{h}x{w}": n for (h, w), n in sizes.items()})))
+    by_class = manifest.groupby(["label", "label_name"]).size()
+    lines.append(
+        _field(
+            "classes",
+            _counts({name: n for (_, name), n in by_class.items()}),
+            lead=f"{len(by_class)}: ",
+        )
+    )
+    for column in sorted(c for c in manifest.columns if c.startswith("split")):
+        values = manifest[column].replace("", "unused").value_counts()
+        lines.append(_field(column, _counts(values.to_dict())))
+    labeled = [c for c in manifest.columns if c.startswith("labeled_")]
+    subsets = {}
+    for column in sorted(labeled, key=lambda c: int(c.removeprefix("labeled_"))):
+        chosen = manifest[manifest[column]]
+        subsets[f"{column.removeprefix('labeled_')}%"] = (
+            f"{len(chosen):,} ({chosen['label'].nunique()} classes)"
+        )
+    if subsets:
+        lines.append(_field("labeled", [f"{k}: {v}" for k, v in subsets.items()]))
+    summary = shard_dir / "ingest.json"
+    if summary.is_file():
+        params = json.loads(summary.read_text()).get("params", {})
+        lines.append(_field("ingest params", [f"{k}={v}" for k, v in params.items()]))
+    lines.extend(_rejections(shard_dir / "rejected.csv"))
+    lines.extend(_field("PROBLEM", problem) for problem in problems)
+    return "\n".join(lines)
+
+
+def _frame_range(frames: pd.Series) -> str:
+    if frames.empty:
+        return "no frames"
+    return f"{frames.min()}-{frames.max()}, median {frames.median():g}"
+
+
+def _shard_attrs(shard_dir: Path, manifest: pd.DataFrame) -> tuple[dict[int, dict], list[str]]:
+    """Each shard file's attrs, and any disagreement between the manifest and the shard files."""
+    shards, problems = {}, []
+    ends = (manifest["offset"] + manifest["num_frames"]).groupby(manifest["shard"]).max()
+    numbers = sorted(int(p.stem.removeprefix("shard-")) for p in shard_dir.glob("shard-*.h5"))
+    for number in sorted(set(numbers) | set(ends.index)):
+        path = shard_path(shard_dir, number)
+        try:
+            with h5py.File(path, "r") as file:
+                shards[number] = dict(file.attrs)
+                frames = file.get("frames")
+                videos = manifest[manifest["shard"] == number]
+                stored, layout = 0, None
+                if frames is not None:
+                    stored = len(frames)  # the first axis in either layout
+                    layout = _layout_problem(frames, file.attrs.get("codec"), videos)
+        except (OSError, KeyError) as err:
+            problems.append(f"{path.name} unreadable ({err}); the manifest points into it")
+            continue
+        if number in ends.index and ends[number] > stored:
+            problems.append(f"{path.name} holds {stored} frames, the manifest needs {ends[number]}")
+        if layout:
+            problems.append(f"{path.name} {layout}")
+    return shards, problems
+
+
+def _layout_problem(frames: h5py.Dataset, codec: str, videos: pd.DataFrame) -> str | None:
+    """How `frames` breaks the shard format for `codec` and the shard's `videos`, or None.
+
+    Raw frames are one (frames, H, W, 3) uint8 array, JPEG frames one file per element.
+    """
+    if codec == "jpeg" and frames.ndim != 1:
+        return f"holds JPEG frames as {frames.dtype} {frames.shape}, not one file per element"
+    if codec != "raw":
+        return None
+    if frames.ndim != 4 or frames.shape[3] != 3 or frames.dtype != "uint8":
+        return (
+            f"holds raw frames as {frames.dtype} {frames.shape}, not (frames, H, W, 3) uint8 "
+            "(written by an older ingest?)"
+        )
+    other = videos[(videos["height"] != frames.shape[1]) | (videos["width"] != frames.shape[2])]
+    if other.empty:
+        return None
+    return (
+        f"holds {frames.shape[1]}x{frames.shape[2]} frames, the manifest says other sizes for "
+        f"{len(other)} videos, e.g. {other['height'].iloc[0]}x{other['width'].iloc[0]} for "
+        f"{other['path'].iloc[0]}"
+    )
+
+
+def _rejections(rejected_csv: Path) -> list[str]:
+    if not rejected_csv.is_file():
+        return [_field("rejected", "no rejected.csv")]
+    rejected = pd.read_csv(rejected_csv, keep_default_na=False)
+    if rejected.empty:
+        return [_field("rejected", "0")]
+    # A reason reads "kind: detail"; count by kind, list the first few in full.
+    kinds = collections.Counter(reason.split(":")[0] for reason in rejected["reason"])
+    lines = [_field("rejected", _counts(dict(kinds.most_common())), lead=f"{len(rejected):,}: ")]
+    for path, reason in rejected.head(EXAMPLES).itertuples(index=False):
+        lines.append(_field("", f"{path}: {reason}"))
+    if len(rejected) > EXAMPLES:
+        lines.append(_field("", f"... {len(rejected) - EXAMPLES} more in {rejected_csv.name}"))
+    return lines
+
+
+def describe_incomplete_shards(shard_dir: Path) -> str:
+    count = len(list(shard_dir.glob("shard-*.h5")))
+    header = (
+        f"shard folder {shard_dir} is INCOMPLETE: {count} shard files but no manifest.parquet "
+        "(ingest was interrupted, or failed in strict mode)"
+    )
+    return "\n".join([header, *_rejections(shard_dir / "rejected.csv")])
+
+
+DESCRIBERS: list[Describer] = [
+    Describer("a shard folder (manifest.parquet)", _is_shard_folder, describe_shards),
+    Describer(
+        "an unfinished shard folder (shard-*.h5)",
+        _is_incomplete_shard_folder,
+        describe_incomplete_shards,
+    ),
+]
