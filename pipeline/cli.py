@@ -5,6 +5,7 @@ params through a view restricted to the keys its registry entry declares, and ca
 """
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -203,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     if getattr(args, "threads", 1) < 1:
         print("--threads must be >= 1", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
