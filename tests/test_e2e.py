@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import BIN, ROOT, copy_project
+from tests.conftest import BIN, copy_project
 
 pytestmark = pytest.mark.e2e
 
