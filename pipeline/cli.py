@@ -159,6 +159,22 @@ def cmd_bench(args) -> None:
         from pipeline.bench.models import bench_models
 
         bench_models()
+    elif args.what == "train":
+        from pipeline.bench.train import bench_train
+
+        params = load_params()
+        bench_train(
+            Path(f"data/shards/{params.dataset}"),
+            frames=params.clips.frames,
+            stride=params.clips.stride,
+            crop=params.clips.crop,
+            model=params.model.model_dump(),
+            batch_size=params.train.batch_size,
+            steps=args.steps,
+            threads=args.threads,
+            split=params.datasets[params.dataset].split,
+            val_fraction=params.train.val_fraction,
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -196,8 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="print speed figures side by side with the alternative")
-    p.add_argument("what", choices=["data", "models"])
+    p.add_argument("what", choices=["data", "models", "train"])
     p.add_argument("--clips", type=int, default=200, help="clips to read (bench data)")
+    p.add_argument("--steps", type=int, default=40, help="timed steps (bench train)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (bench train)")
     p.set_defaults(func=cmd_bench)
     return parser
 

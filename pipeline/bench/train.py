@@ -6,10 +6,11 @@ seeded model, as pipeline.train.fit does on CPU) with the same thread count:
     validation, as pipeline.finetune.train_run), with its training sampler, random crop and flip,
     through pipeline.train.make_loader, once per DataLoader worker count;
 (b) batches of the same dataset collected beforehand and cycled, so no loading is timed.
-The loader's cost is (b - a) / b of the throughput. Like fit, the loader side runs epoch after
-epoch: make_loader's workers are not persistent, so each epoch starts its worker processes anew,
-and with few batches per epoch those starts are a real part of the cost (the table says how many
-batches an epoch has).
+The loader's cost is (b - a) / b of the throughput, b being the mean of the in-memory runs just
+before and after that loader run (other processes on shared cores shift all rates). Like fit, the
+loader side runs epoch after epoch: make_loader's workers are not persistent, so each epoch starts
+its worker processes anew, and with few batches per epoch those starts are a real part of the cost
+(the table says how many batches an epoch has).
 """
 
 import itertools
@@ -107,8 +108,10 @@ def bench_train(
     val_fraction: float = 0.15,
     seed: int = 0,
 ) -> dict:
-    """Time (b) batches in memory, then (a) the shard loader per worker count in `workers`; print
-    a table and return the figures. `model` holds build_video_model's keywords plus `name`."""
+    """Time (a) the shard loader per worker count in `workers`, each between two runs of (b)
+    batches in memory, on CPU; print a table and return the figures. `model` holds
+    build_video_model's keywords plus `name`; `split` and `val_fraction` pick the train rows as a
+    training run does (the dataset's split and train.val_fraction)."""
     shard_dir = Path(shard_dir)
     dataset = train_clip_dataset(
         shard_dir,

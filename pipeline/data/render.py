@@ -380,6 +380,7 @@ class Look:
     scene_freq: float  # texture frequency multiplier
     scene_phase: tuple[float, float]  # texture offsets
     horizon: float  # world y of the horizon / floor edge
+    texture: float  # strength of the scene's texture (0 = flat colours, 1 = full)
     skin: np.ndarray  # (3,) RGB
     hair: np.ndarray
     shirt: np.ndarray
@@ -584,8 +585,8 @@ def paint_scene(look: Look, x, y) -> np.ndarray:
     top, bottom, top_accent, bottom_accent = look.scene_colors.astype(np.float32)
     w_top = PATTERNS[style.top](x, h, look.scene_freq, look.scene_phase)
     w_bottom = PATTERNS[style.bottom](x, h, look.scene_freq, look.scene_phase)
-    w_top = np.broadcast_to(w_top, shape).astype(np.float32)
-    w_bottom = np.broadcast_to(w_bottom, shape).astype(np.float32)
+    w_top = np.broadcast_to(w_top, shape).astype(np.float32) * np.float32(look.texture)
+    w_bottom = np.broadcast_to(w_bottom, shape).astype(np.float32) * np.float32(look.texture)
     upper = top + w_top[..., None] * (top_accent - top)
     lower = bottom + w_bottom[..., None] * (bottom_accent - bottom)
     return np.where(np.broadcast_to(h > 0, shape)[..., None], upper, lower)

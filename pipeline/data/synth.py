@@ -103,6 +103,7 @@ class WorldSpec:
     stanford40_test_per_class: int = 20
     parsing_train: int = 1200  # person images with Pascal-Person-Part label maps
     parsing_val: int = 200
+    texture_contrast: float = 1.0  # strength of scene textures (0 = flat two-colour scenes)
     noise_std: float = 8.0  # per-pixel Gaussian noise std on the 0-255 scale
     camera_jitter_px: float = 0.7  # per-frame camera shake std in pixels
     camera_pan: float = 0.3  # camera pans up to this many world units (frame height = 2) a clip
@@ -183,6 +184,7 @@ def sample_look(
         scene_freq=float(rng.uniform(0.8, 1.25)),
         scene_phase=(float(rng.random()), float(rng.random())),
         horizon=style.horizon + float(rng.uniform(-0.12, 0.12)),
+        texture=spec.texture_contrast,
         skin=np.clip(skin, 0, 255),
         hair=np.array(HAIR_COLORS[rng.integers(len(HAIR_COLORS))], float),
         shirt=render.random_color(rng, sat=(0.3, 0.9), val=(0.35, 0.95)),
