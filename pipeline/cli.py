@@ -89,7 +89,10 @@ def cmd_train(args) -> None:
     from pipeline.dag import RunSpec, run_dir, train_stage
 
     run = RunSpec(args.method, args.seed, args.augment, args.tau, args.lam)
-    stage, all_params, params = _stage(train_stage(args.dataset, run).name)
+    # Built from the arguments, not looked up: a run outside every table (an ablation) works too.
+    stage = train_stage(args.dataset, run)
+    all_params = load_params()
+    params = DeclaredParams(all_params, stage.params)
     from pipeline.config import lookup
     from pipeline.finetune import ClipSpec, train_run
 
@@ -106,6 +109,7 @@ def cmd_train(args) -> None:
         selfkd=params.selfkd if run.method == "selfkd" else None,
         threads=args.threads,
         params=declared,
+        init=args.init,
     )
 
 
@@ -122,6 +126,20 @@ def cmd_table(args) -> None:
         dirs,
         Path(f"results/tables/{args.table}.csv"),
         Path(f"results/figures/{args.table}.png"),
+    )
+
+
+def cmd_augment_figure(args) -> None:
+    params = _declared(f"augment_figure_{args.dataset}")
+    from pipeline.data.augment import VideoAugment, augmentation_figure
+    from pipeline.data.shards import ShardStore
+
+    store = ShardStore(Path(f"data/shards/{args.dataset}"))
+    row = 0  # the first video: any clip shows whether an op treats every frame alike
+    clip = store.read_clip(row, list(range(store.num_frames(row))))
+    augment = VideoAugment(**params.augment.model_dump())
+    augmentation_figure(
+        clip, Path(f"results/figures/augmentations_{args.dataset}.png"), augment=augment
     )
 
 
@@ -199,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", action="store_true", help="video-consistent augmentation")
     p.add_argument("--tau", type=float, default=0.0, help="selfkd temperature")
     p.add_argument("--lam", type=float, default=0.0, help="selfkd KL weight")
+    p.add_argument("--init", type=Path, help="start from this model.pt instead of random init")
+
+    stage("augment-figure", cmd_augment_figure, "one clip under each augmentation", dataset=True)
 
     p = stage("table", cmd_table, "assemble a table from its runs' metrics")
     p.add_argument("table", choices=["selfkd_table3", "selfkd_table8"])

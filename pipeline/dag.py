@@ -181,6 +181,15 @@ def train_stage(dataset: str, run: RunSpec) -> Stage:
 def selfkd_stages(params: Params) -> list[Stage]:
     dataset = params.dataset
     stages = {}
+    stages["augment_figure"] = Stage(
+        name=f"augment_figure_{dataset}",
+        cmd=f"python -m pipeline augment-figure --dataset {dataset}",
+        deps=(_shards(dataset),),
+        outs=(f"results/figures/augmentations_{dataset}.png",),
+        params=("augment",),
+        code=("pipeline/data/augment.py",),
+        target=True,
+    )
     for table, runs in selfkd_runs(params).items():
         for run in runs:
             stages.setdefault(run.name, train_stage(dataset, run))

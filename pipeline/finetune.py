@@ -18,12 +18,13 @@ from pipeline.data.augment import VideoAugment
 from pipeline.data.clips import ClipDataset
 from pipeline.data.samplers import DenseSampler, UniformClipsSampler
 from pipeline.data.splits import carve_validation
+from pipeline.errors import DataError
 from pipeline.evaluate import confusion_figure, evaluate
-from pipeline.io import write_json_atomic
+from pipeline.io import file_sha256, write_json_atomic
 from pipeline.methods.selfkd import TeachingYourself
 from pipeline.methods.supervised import Supervised
 from pipeline.models import build_video_model
-from pipeline.train import TrainSpec, fit, make_loader, seed_everything
+from pipeline.train import TrainSpec, fit, load_checkpoint, make_loader, seed_everything
 
 METHODS = ("supervised", "selfkd")
 
@@ -52,6 +53,24 @@ def _build_method(run: RunSpec, model: torch.nn.Module, selfkd: dict):
     raise ValueError(f"unknown method {run.method!r}; choose from {METHODS}")
 
 
+def load_init(network: torch.nn.Module, path: Path) -> None:
+    """Start `network` from a model.pt; a classifier of another shape stays freshly initialised."""
+    state = load_checkpoint(path)["model"]
+    own = network.state_dict()
+    mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if any(not k.startswith("fc.") for k in mismatched):
+        raise DataError(f"{path}: weights do not fit the network: {mismatched[:5]}")
+    result = network.load_state_dict(
+        {k: v for k, v in state.items() if k not in mismatched}, strict=False
+    )
+    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    if missing or result.unexpected_keys:
+        raise DataError(
+            f"{path}: weights do not fit the network: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+
+
 def split_rows(manifest: pd.DataFrame, split_col: str, val_fraction: float, seed: int) -> dict:
     """Row numbers of train (minus validation), validation and test videos."""
     val = carve_validation(manifest, split_col, val_fraction, seed).to_numpy()
@@ -77,12 +96,15 @@ def train_run(
     selfkd=None,  # the `selfkd` params section, for selfkd runs
     threads: int,
     params: dict,
+    init: Path | None = None,
 ) -> dict:
     """Train one run and test it; writes run_dir/{model.pt, metrics.json, confusion.png}.
 
     `model` holds build_video_model's keywords plus `name`; `train` holds TrainSpec's fields plus
     batch_size, val_fraction, workers. `params` (the stage's declared params and the run) keys the
-    run directory, so a rerun with the same params resumes and other params start afresh.
+    run directory, so a rerun with the same params resumes and other params start afresh. `init`:
+    a model.pt (from this pipeline) whose weights start the network; its classifier is replaced
+    when the class count differs.
     """
     train = dict(train)
     batch_size = train.pop("batch_size")
@@ -127,7 +149,11 @@ def train_run(
 
     seed_everything(run.seed)  # before building, so initial weights depend on the seed alone
     network = build_video_model(num_classes=num_classes, **model)
+    if init is not None:
+        load_init(network, init)
     method = _build_method(run, network, selfkd)
+    if init is not None:
+        params = {**params, "init_sha256": file_sha256(init)}
     history = fit(
         method,
         train_loader,

@@ -201,7 +201,56 @@ def describe_incomplete_shards(shard_dir: Path) -> str:
     return "\n".join([header, *_rejections(shard_dir / "rejected.csv")])
 
 
+def _is_run_folder(path: Path) -> bool:
+    return path.is_dir() and ((path / "metrics.json").is_file() or (path / "checkpoints").is_dir())
+
+
+def _percent(value) -> str:
+    return f"{100 * value:.1f}%" if isinstance(value, int | float) else "-"
+
+
+def describe_run(run_dir: Path) -> str:
+    """A training run: its test and validation metrics, and its checkpoint's metadata."""
+    from pipeline.train import load_checkpoint  # torch: only runs need it
+
+    lines = [f"run folder {run_dir}"]
+    metrics_file = run_dir / "metrics.json"
+    if metrics_file.is_file():
+        metrics = json.loads(metrics_file.read_text())
+        test = metrics.get("test", {})
+        for level in ("clip", "video"):
+            if f"{level}_top1" in test:
+                scores = [f"{k} {_percent(test.get(f'{level}_{k}'))}" for k in ("top1", "top5")]
+                scores += [f"mean class {_percent(test.get(f'{level}_mean_class_acc'))}"]
+                scores += [f"mAP {_percent(test.get(f'{level}_map'))}"]
+                lines.append(_field(f"test {level}", scores))
+        if "splits" in metrics:
+            lines.append(_field("videos", _counts(metrics["splits"])))
+        run = [f"{k}={metrics[k]}" for k in ("epochs", "seed", "batch_size", "device", "threads")]
+        lines.append(_field("run", [r for r in run if not r.endswith("=None")]))
+        if metrics.get("best"):
+            best = metrics["best"]
+            lines.append(
+                _field("best", f"{best['metric']} {best['value']:.4f} at epoch {best['epoch']}")
+            )
+    else:
+        lines.append(_field("metrics", "none yet (training unfinished)"))
+    checkpoint = run_dir / "checkpoints" / "last.pt"
+    if checkpoint.is_file():
+        ckpt = load_checkpoint(checkpoint)
+        lines.append(
+            _field(
+                "checkpoint",
+                f"last.pt after epoch {ckpt['epoch']}, key {ckpt['key'][:12]}, "
+                f"{_size(checkpoint.stat().st_size)}",
+            )
+        )
+        lines.append(_field("params", json.dumps(ckpt["params"], sort_keys=True)))
+    return "\n".join(lines)
+
+
 DESCRIBERS: list[Describer] = [
+    Describer("a run folder (metrics.json, checkpoints/)", _is_run_folder, describe_run),
     Describer("a shard folder (manifest.parquet)", _is_shard_folder, describe_shards),
     Describer(
         "an unfinished shard folder (shard-*.h5)",
