@@ -58,18 +58,20 @@ class SynthParams(Section):
     stanford40_test_per_class: PosInt = 20
     parsing_train: PosInt = 1200
     parsing_val: PosInt = 200
-    noise_std: Annotated[float, Field(ge=0.0, le=128.0)] = 8.0
+    noise_std: Annotated[float, Field(ge=0.0, le=128.0)] = 6.0
     camera_jitter_px: Annotated[float, Field(ge=0.0)] = 0.7
-    camera_pan: Annotated[float, Field(ge=0.0)] = 0.3
+    camera_pan: Annotated[float, Field(ge=0.0)] = 0.2
     zoom_range: Annotated[float, Field(ge=0.0)] = 0.2
     speed_range: Annotated[float, Field(ge=1.0)] = 1.5
     amplitude_var: Fraction = 0.25
+    appearance_var: Fraction = 0.5  # actors' colours: 0 one outfit for all, 1 fully random
     person_height: Annotated[float, Field(gt=0.0, le=1.0)] = 0.75
     body_size_var: Fraction = 0.15
     brightness_var: Fraction = 0.2
     scene_correlation: Fraction = 0.3
     object_correlation: Fraction = 0.5
     no_object_prob: Fraction = 0.2
+    texture_contrast: Fraction = 1.0  # scene texture strength: 0 flat two-colour scenes
 
 
 class IngestParams(Section):

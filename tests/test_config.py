@@ -69,3 +69,19 @@ def test_lookup_dotted(project_params):
     assert lookup(params, "ingest.codec") == params.ingest.codec
     with pytest.raises(ConfigError, match="ingest.nope: no such key"):
         lookup(params, "ingest.nope")
+
+
+def test_synth_section_mirrors_the_world_spec():
+    """params.yaml's synth section and WorldSpec have the same fields and defaults."""
+    import dataclasses
+
+    from pipeline.config import SynthParams
+    from pipeline.data.synth import WorldSpec
+
+    spec = {f.name: f.default for f in dataclasses.fields(WorldSpec)}
+    mirror = SynthParams().model_dump()
+    assert set(mirror) == set(spec)
+    differing = {
+        k: (mirror[k], spec[k]) for k in spec if mirror[k] is not None and mirror[k] != spec[k]
+    }
+    assert differing == {}

@@ -64,6 +64,14 @@ STANFORD40_ACTIONS = {
     "waving_hands": "Wave",
 }
 
+# What every actor would wear at appearance_var = 0.
+CANONICAL_OUTFIT = {
+    "skin": np.array([215.0, 170.0, 130.0]),
+    "hair": np.array([50.0, 35.0, 25.0]),
+    "shirt": np.array([200.0, 50.0, 45.0]),
+    "pants": np.array([40.0, 50.0, 95.0]),
+}
+
 # One random stream per kind of item; keys within a stream identify the item.
 _STREAMS = {
     "group": 1,
@@ -94,29 +102,28 @@ class WorldSpec:
     write_video_masks: bool = False  # also write <out>/masks/<Class>/<video>.npz part masks
     image_size: int = 48  # side of every still image (square)
     objects_train_per_class: int = 400  # ImageNet analogue, 10 classes: the largest image set
-    objects_val_per_class: int = 50
+    objects_val_per_class: int = 50  # validation images per object class
     scenes_train_per_class: int = 300  # Places365 analogue, 8 categories
-    scenes_val_per_class: int = 50
+    scenes_val_per_class: int = 50  # validation images per scene category
     scene_person_prob: float = 0.5  # P(a scene image also shows a person)
     bu101_per_class: int = 120  # still frames of the video actions
     stanford40_train_per_class: int = 40  # 10 still actions: the smallest image set
-    stanford40_test_per_class: int = 20
+    stanford40_test_per_class: int = 20  # test images per still action
     parsing_train: int = 1200  # person images with Pascal-Person-Part label maps
-    parsing_val: int = 200
+    parsing_val: int = 200  # validation person images
     texture_contrast: float = 1.0  # strength of scene textures (0 = flat two-colour scenes)
-    noise_std: float = 8.0  # per-pixel Gaussian noise std on the 0-255 scale
+    noise_std: float = 6.0  # per-pixel Gaussian noise std on the 0-255 scale
     camera_jitter_px: float = 0.7  # per-frame camera shake std in pixels
-    camera_pan: float = 0.3  # camera pans up to this many world units (frame height = 2) a clip
+    camera_pan: float = 0.2  # camera pans up to this many world units (frame height = 2) a clip
     zoom_range: float = 0.2  # zoom drawn log-uniformly from [1 / (1 + z), 1 + z]
     speed_range: float = 1.5  # playback speed drawn log-uniformly from [1 / s, s]
     amplitude_var: float = 0.25  # per-clip motion amplitude drawn from [1 - a, 1 + a]
+    appearance_var: float = 0.5  # actor colours: 0 = one outfit for all, 1 = fully random
     person_height: float = 0.75  # a standing person's height as a fraction of the frame height
     body_size_var: float = 0.15  # per-group body height drawn from [1 - b, 1 + b] x person_height
     brightness_var: float = 0.2  # per-clip lighting gain drawn from [1 - v, 1 + v]
     scene_correlation: float = 0.3  # P(a group's scene is its action's preferred one), else uniform
-    object_correlation: float = (
-        0.5  # P(a group's object is its action's preferred one), else uniform
-    )
+    object_correlation: float = 0.5  # P(a group's object is its action's preferred), else uniform
     no_object_prob: float = 0.2  # P(a group's actor holds nothing)
 
     def __post_init__(self):
@@ -178,6 +185,15 @@ def sample_look(
         np.array(OBJECT_COLORS[obj or "ball"], float) + rng.normal(0, 15, 3), 0, 255
     )
     skin = np.array(SKIN_TONES[rng.integers(len(SKIN_TONES))], float) + rng.normal(0, 8, 3)
+    hair = np.array(HAIR_COLORS[rng.integers(len(HAIR_COLORS))], float)
+    shirt = render.random_color(rng, sat=(0.3, 0.9), val=(0.35, 0.95))
+    pants = render.random_color(rng, sat=(0.1, 0.6), val=(0.15, 0.6))
+
+    def vary(canonical, drawn):
+        # Actors look alike at appearance_var 0 (one outfit) and fully random at 1: how much
+        # appearance differs between groups is what a from-scratch model must see through.
+        return np.clip(canonical + spec.appearance_var * (drawn - canonical), 0, 255)
+
     return Look(
         scene=scene,
         scene_colors=scene_colors,
@@ -185,12 +201,12 @@ def sample_look(
         scene_phase=(float(rng.random()), float(rng.random())),
         horizon=style.horizon + float(rng.uniform(-0.12, 0.12)),
         texture=spec.texture_contrast,
-        skin=np.clip(skin, 0, 255),
-        hair=np.array(HAIR_COLORS[rng.integers(len(HAIR_COLORS))], float),
-        shirt=render.random_color(rng, sat=(0.3, 0.9), val=(0.35, 0.95)),
-        pants=render.random_color(rng, sat=(0.1, 0.6), val=(0.15, 0.6)),
-        long_sleeves=bool(rng.random() < 0.5),
-        shorts=bool(rng.random() < 0.3),
+        skin=vary(CANONICAL_OUTFIT["skin"], skin),
+        hair=vary(CANONICAL_OUTFIT["hair"], hair),
+        shirt=vary(CANONICAL_OUTFIT["shirt"], shirt),
+        pants=vary(CANONICAL_OUTFIT["pants"], pants),
+        long_sleeves=bool(rng.random() < 0.5 * spec.appearance_var),
+        shorts=bool(rng.random() < 0.3 * spec.appearance_var),
         body_size=2 * spec.person_height * float(rng.uniform(1 - size_var, 1 + size_var)),
         obj=obj,
         obj_color=obj_color,
@@ -210,7 +226,8 @@ def sample_clip(rng: np.random.Generator, spec: WorldSpec, action: str, look: Lo
         mirrored=bool(POSES[action].mirror and rng.random() < 0.5),
         x_mid=float(rng.uniform(-0.45, 0.45)),
         walk_dist=float(rng.uniform(0.35, 0.55)),
-        ground=float(rng.uniform(-0.95, -0.83)),
+        # Feet placed so that raised hands (1.1 x body height) stay in frame at zoom 1.
+        ground=-1.1 * spec.person_height + float(rng.uniform(-0.06, 0.06)),
         zoom=float(np.exp(rng.uniform(-log_zoom, log_zoom))),
         cam=(float(rng.uniform(-0.1, 0.1)), float(rng.uniform(-0.1, 0.1))),
         pan=(
@@ -266,13 +283,13 @@ def _random_person(
     clip = sample_clip(rng, spec, pose, look)
     candidates = rng.random(8)
     if representative:
-        return clip, float(
-            candidates[np.argmax(render.pose_deviation(render.action_pose(clip, candidates)))]
-        )
+        deviation = render.pose_deviation(render.action_pose(clip, candidates))
+        return clip, float(candidates[np.argmax(deviation)])
     return clip, float(candidates[0])
 
 
 def _uniform_look(rng, spec: WorldSpec, scene: str = "") -> Look:
+    """A look whose scene (unless given) and object do not depend on any action."""
     return sample_look(
         rng, spec, scene=scene, scene_correlation=1.0, obj="", object_correlation=0.0
     )
@@ -286,6 +303,7 @@ def _still(clip: Clip, spec: WorldSpec, t: float) -> tuple[np.ndarray, np.ndarra
 def _object_image(rng, spec: WorldSpec, obj: str) -> np.ndarray:
     """An object of class `obj` at a random size, position and angle over a random scene."""
     look = _uniform_look(rng, spec)
+    # Only the clip's camera and lighting are used: no person in object images.
     clip = dataclasses.replace(sample_clip(rng, spec, "RaiseArms", look), person=False)
     x, y = render.camera_grid(clip, spec.image_size, spec.image_size, np.array([0.5]))
     image = render.paint_scene(look, x, y)
@@ -366,9 +384,7 @@ def _write_parsing(spec: WorldSpec, root: Path, split: str, ids: list[str]) -> i
     labels.mkdir(parents=True, exist_ok=True)
     for image_id in ids:
         rng = _rng(spec, "parsing", int(image_id))
-        look = sample_look(
-            rng, spec, scene="", scene_correlation=0.0, obj="", object_correlation=0.0
-        )
+        look = _uniform_look(rng, spec)
         clip, t = _random_person(
             rng, spec, str(rng.choice(list(POSES))), look, representative=False
         )
