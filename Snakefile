@@ -1,5 +1,6 @@
 # Rules are built from the stage registry in pipeline/dag.py; dvc.yaml is generated from the same
 # registry, so both tools run the same commands on the same inputs and outputs.
+import shutil
 import sys
 
 sys.path.insert(0, workflow.basedir)
@@ -15,6 +16,9 @@ except ConfigError as err:
     sys.exit(2)
 
 STAGES = build_stages(PARAMS)
+# Stages that can use a GPU claim the `gpu` resource (capped by the profile) only where there is
+# one; on a CPU-only machine they run side by side, limited by --cores alone.
+HAS_GPU = shutil.which("nvidia-smi") is not None
 
 
 def _files(paths):
@@ -43,6 +47,6 @@ for stage in STAGES:
         conda:
             "envs/pipeline.yaml"
         resources:
-            gpu=stage.gpu,
+            gpu=stage.gpu if HAS_GPU else 0,
         shell:
             "{params.cmd} --threads {threads}"

@@ -250,11 +250,11 @@ def describe_run(run_dir: Path) -> str:
 
 
 DESCRIBERS: list[Describer] = [
-    Describer("a run folder (metrics.json, checkpoints/)", _is_run_folder, describe_run),
     Describer("a shard folder (manifest.parquet)", _is_shard_folder, describe_shards),
     Describer(
         "an unfinished shard folder (shard-*.h5)",
         _is_incomplete_shard_folder,
         describe_incomplete_shards,
     ),
+    Describer("a run folder (metrics.json, checkpoints/)", _is_run_folder, describe_run),
 ]

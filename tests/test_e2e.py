@@ -189,3 +189,5 @@ def test_train_stage_killed_mid_run_resumes_to_the_same_metrics(data_project, tm
     sh(sys.executable, *args, cwd=runs["straight"])
     straight = runs["straight"] / "results/runs/synth/baseline_s0/metrics.json"
     assert (run_dir / "metrics.json").read_text() == straight.read_text()
+    summary = sh(sys.executable, "-m", "pipeline", "inspect", run_dir, cwd=runs["killed"])
+    assert "test video" in summary and "last.pt after epoch 5" in summary
