@@ -114,6 +114,7 @@ def train_run(
     torch.set_num_threads(threads)
     split_col = f"split{split}"
     manifest = pd.read_parquet(shard_dir / "manifest.parquet")
+    # One validation carve for every run and seed, so runs differ only in what they declare.
     rows = split_rows(manifest, split_col, val_fraction, seed=0)
     num_classes = int(manifest["label"].max()) + 1
 
