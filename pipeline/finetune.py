@@ -83,6 +83,30 @@ def split_rows(manifest: pd.DataFrame, split_col: str, val_fraction: float, seed
     }
 
 
+def train_clip_dataset(
+    shard_dir: Path,
+    rows: np.ndarray,
+    *,
+    frames: int,
+    stride: int,
+    crop: int,
+    seed: int,
+    augment: VideoAugment | None = None,
+) -> ClipDataset:
+    """A run's training clips: random crop and flip, or random crop and `augment`, which has its
+    own flip op (flipping twice would undo it half the time)."""
+    return ClipDataset(
+        shard_dir,
+        rows=rows,
+        sampler=DenseSampler(frames, stride, train=True),
+        crop_size=crop,
+        train=True,
+        seed=seed,
+        flip=augment is None,
+        augment=augment,
+    )
+
+
 def train_run(
     shard_dir: Path,
     run_dir: Path,
@@ -118,14 +142,13 @@ def train_run(
     rows = split_rows(manifest, split_col, val_fraction, seed=0)
     num_classes = int(manifest["label"].max()) + 1
 
-    train_set = ClipDataset(
+    train_set = train_clip_dataset(
         shard_dir,
-        rows=rows["train"],
-        sampler=DenseSampler(clips.frames, clips.stride, train=True),
-        crop_size=clips.crop,
-        train=True,
+        rows["train"],
+        frames=clips.frames,
+        stride=clips.stride,
+        crop=clips.crop,
         seed=run.seed,
-        flip=not run.augment,  # the augmentation set has its own flip
         augment=VideoAugment(**augment) if run.augment else None,
     )
     val_set = ClipDataset(

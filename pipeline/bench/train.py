@@ -22,10 +22,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pipeline.data.clips import ClipDataset
-from pipeline.data.samplers import DenseSampler
 from pipeline.errors import DataError
-from pipeline.finetune import split_rows
+from pipeline.finetune import split_rows, train_clip_dataset
 from pipeline.methods.supervised import Supervised
 from pipeline.models import build_video_model
 from pipeline.train import derived_seed, make_loader, seed_everything
@@ -33,30 +31,6 @@ from pipeline.train import derived_seed, make_loader, seed_everything
 GOAL_MAX_LOADER_COST = 10.0  # percent of the in-memory throughput
 WARMUP_STEPS = 2  # allocator and oneDNN caches; the loader's first worker start
 IN_MEMORY_BATCHES = 4  # distinct batches cycled on side (b)
-
-
-def train_clip_dataset(
-    shard_dir: Path,
-    *,
-    split: int,
-    val_fraction: float,
-    frames: int,
-    stride: int,
-    crop: int,
-    seed: int,
-) -> ClipDataset:
-    """The training set of a supervised run without augmentation, as train_run builds it."""
-    manifest = pd.read_parquet(shard_dir / "manifest.parquet")
-    rows = split_rows(manifest, f"split{split}", val_fraction, seed=0)
-    return ClipDataset(
-        shard_dir,
-        rows=rows["train"],
-        sampler=DenseSampler(frames, stride, train=True),
-        crop_size=crop,
-        train=True,
-        seed=seed,
-        flip=True,
-    )
 
 
 def epochs_of_batches(loader, seed: int) -> Iterator[dict]:
@@ -113,14 +87,11 @@ def bench_train(
     build_video_model's keywords plus `name`; `split` and `val_fraction` pick the train rows as a
     training run does (the dataset's split and train.val_fraction)."""
     shard_dir = Path(shard_dir)
+    manifest = pd.read_parquet(shard_dir / "manifest.parquet")
+    rows = split_rows(manifest, f"split{split}", val_fraction, seed=0)["train"]
+    # The training set of a supervised run without augmentation, as train_run builds it.
     dataset = train_clip_dataset(
-        shard_dir,
-        split=split,
-        val_fraction=val_fraction,
-        frames=frames,
-        stride=stride,
-        crop=crop,
-        seed=seed,
+        shard_dir, rows, frames=frames, stride=stride, crop=crop, seed=seed
     )
     batches_per_epoch = len(dataset) // batch_size  # drop_last, as train_run's loader
     if batches_per_epoch == 0:
