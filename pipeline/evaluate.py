@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from pipeline.data.clips import prepare_video
 from pipeline.io import atomic_path
 
 
@@ -116,15 +117,19 @@ def evaluate(
     num_classes: int | None = None,
     device: str | torch.device = "cpu",
     multi_view: bool | None = None,
+    images: bool | None = None,
     amp: str = "off",
     progress: bool = True,
 ) -> dict:
     """Test `model` (clips -> logits) on `loader`'s batches; returns a JSON-able metrics dict.
 
     multi_view: True requires (B, V, C, T, H, W) batches and adds video-level metrics; False
-    requires (B, C, T, H, W); None decides from the first batch. num_classes: None takes the
-    logits' width. amp: "off" | "bf16" | "fp16" autocast for the forward pass. Every label must be
-    >= 0. The model's train/eval mode is restored afterwards.
+    requires (B, C, T, H, W); None decides from the first batch. images: True for image batches,
+    whose views are (C, H, W): (B, C, H, W), or (B, V, C, H, W) with multi_view ("clip" metrics
+    then count images, "video" ones average an image's views); None decides from the first batch:
+    images if it has the key "image" (image datasets set it, pipeline.teachers.images) or is 4-D.
+    num_classes: None takes the logits' width. amp: "off" | "bf16" | "fp16" autocast for the
+    forward pass. Every label must be >= 0. The model's train/eval mode is restored afterwards.
     """
     device = torch.device(device)
     amp_dtype = _amp_dtype(amp)
@@ -139,17 +144,20 @@ def evaluate(
                 label = torch.as_tensor(batch["label"]).long()
                 if (label < 0).any():
                     raise ValueError("evaluate needs labeled clips; the batch holds label -1")
+                if images is None:
+                    images = "image" in batch or video.dim() == 4
+                view_dims = 3 if images else 4  # (C, H, W) images, (C, T, H, W) clips
                 if multi_view is None:
-                    multi_view = video.dim() == 6
-                expected = 6 if multi_view else 5
+                    multi_view = video.dim() == view_dims + 2
+                expected = view_dims + (2 if multi_view else 1)
                 if video.dim() != expected:
                     raise ValueError(
-                        f"multi_view={multi_view} expects {expected}-D 'video' batches, "
-                        f"got shape {tuple(video.shape)}"
+                        f"multi_view={multi_view} expects {expected}-D 'video' batches"
+                        f"{' of images' if images else ''}, got shape {tuple(video.shape)}"
                     )
                 views = video.shape[1] if multi_view else 1
                 clips = video.flatten(0, 1) if multi_view else video
-                clips = clips.to(device, non_blocking=True)
+                clips = prepare_video(clips.to(device, non_blocking=True))
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     logits = model(clips)
                 scores = logits.float().softmax(dim=1).cpu()

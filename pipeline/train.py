@@ -35,9 +35,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 from tqdm.auto import tqdm
 
+from pipeline.data.clips import prepare_video
 from pipeline.errors import DataError
 from pipeline.evaluate import evaluate
 from pipeline.io import atomic_path, write_json_atomic
@@ -283,28 +291,62 @@ def make_loader(
     device: str = "auto",
     distributed: bool = True,
 ) -> DataLoader:
-    """A reproducible DataLoader: seeded generator and workers, non-persistent workers (so each
-    epoch's dataset.set_epoch reaches them), pinned memory on CUDA, and under torchrun (with
-    `distributed`) a DistributedSampler giving each rank its share (fit calls set_epoch on it).
-    Validation loaders pass distributed=False: fit evaluates the whole set on every rank."""
+    """A reproducible DataLoader: seeded generator and workers, pinned memory on CUDA, and under
+    torchrun (with `distributed`) a DistributedSampler giving each rank its share (fit calls
+    set_epoch on it). Validation loaders pass distributed=False: fit evaluates the whole set on
+    every rank.
+
+    Workers persist across epochs when the dataset takes (epoch, position) keys (it declares
+    `epoch_keys = True`, as ClipDataset does): the sampler then tags each index with the epoch, so
+    no set_epoch needs to reach the workers, and no epoch pays for starting them again. Other
+    datasets get workers started per epoch, so that their set_epoch reaches them."""
     rank, world, local_rank = _distributed_env()
-    sampler = None
+    generator = torch.Generator().manual_seed(seed)
     if world > 1 and distributed:
         sampler = DistributedSampler(
             dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
         )
+    elif shuffle:
+        # Its own generator: a persistent-worker loader draws from the loader's generator only
+        # once (worker seeds), a per-epoch one every epoch, and the order must not depend on that.
+        sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
+    else:
+        sampler = SequentialSampler(dataset)
+    persistent = num_workers > 0 and getattr(dataset, "epoch_keys", False)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle if sampler is None else False,
-        sampler=sampler,
+        sampler=EpochTaggedSampler(sampler) if persistent else sampler,
         num_workers=num_workers,
         drop_last=drop_last,
         pin_memory=resolve_device(device, local_rank).type == "cuda",
         worker_init_fn=seed_worker,
-        generator=torch.Generator().manual_seed(seed),
-        persistent_workers=False,
+        generator=generator,
+        persistent_workers=persistent,
     )
+
+
+class EpochTaggedSampler(Sampler):
+    """Yields (epoch, index) for each index of `sampler`; set_epoch reaches the wrapped one too."""
+
+    def __init__(self, sampler: Sampler):
+        self.sampler = sampler
+        self.epoch = 0
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        return getattr(self.sampler, "generator", None)  # start_epoch reseeds it
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((self.epoch, index) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
 
 
 def _shards_by_rank(loader, world: int) -> bool:
@@ -323,13 +365,13 @@ def _loader_parts(loader) -> list:
     return [p for p in parts if p is not None]
 
 
-def _start_epoch(loader, seed: int, epoch: int) -> None:
+def start_epoch(loader, seed: int, epoch: int) -> None:
     """Make epoch `epoch`'s data order and augmentations depend only on (seed, epoch), not on the
     epochs before it, so a resumed run sees exactly the data an uninterrupted one would."""
-    generator = getattr(loader, "generator", None)
-    if generator is not None:
-        generator.manual_seed(derived_seed(seed, epoch))
-    for part in _loader_parts(loader):
+    for part in [loader, *_loader_parts(loader)]:
+        generator = getattr(part, "generator", None)
+        if isinstance(generator, torch.Generator):
+            generator.manual_seed(derived_seed(seed, epoch))
         if hasattr(part, "set_epoch"):
             part.set_epoch(epoch)
 
@@ -348,6 +390,8 @@ def _to_device(batch: dict, device: torch.device, video_format) -> dict:
     for name, value in batch.items():
         if isinstance(value, torch.Tensor):
             value = value.to(device, non_blocking=True)
+            if name == "video":
+                value = prepare_video(value)
             if video_format is not None and value.dim() == 5 and value.is_floating_point():
                 value = value.contiguous(memory_format=video_format)
         moved[name] = value
@@ -616,7 +660,7 @@ def _fit(method, train_loader, val_loader, run_dir, ckpt_dir, params, spec, rank
     history: list[dict] = []
     best = None
     last_val = None
-    start_epoch = 0
+    first_epoch = 0
     rng_states = None
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from)  # on CPU: RNG states must stay CPU tensors
@@ -631,7 +675,7 @@ def _fit(method, train_loader, val_loader, run_dir, ckpt_dir, params, spec, rank
         if scaler is not None:
             scaler.load_state_dict(ckpt["scaler"])
         history, best, last_val = ckpt["history"], ckpt["best"], ckpt["last_val"]
-        start_epoch = ckpt["epoch"] + 1
+        first_epoch = ckpt["epoch"] + 1
         rng_states = ckpt["rng"]
         if main:
             log.info("%s: resuming after epoch %d", resume_from, ckpt["epoch"])
@@ -650,8 +694,8 @@ def _fit(method, train_loader, val_loader, run_dir, ckpt_dir, params, spec, rank
         restore_rng_state(rng_states[rank])
     else:
         log.warning("checkpoint was written by %d ranks, now %d: reseeding", len(rng_states), world)
-        seed_everything(derived_seed(spec.seed, start_epoch, rank))
-    for epoch in range(start_epoch, spec.epochs):
+        seed_everything(derived_seed(spec.seed, first_epoch, rank))
+    for epoch in range(first_epoch, spec.epochs):
         factor = lr_factor(
             epoch,
             schedule=spec.schedule,
@@ -664,7 +708,7 @@ def _fit(method, train_loader, val_loader, run_dir, ckpt_dir, params, spec, rank
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
         lr = optimizer.param_groups[0]["lr"]
-        _start_epoch(train_loader, spec.seed, epoch)
+        start_epoch(train_loader, spec.seed, epoch)
         sums = _train_one_epoch(
             step_module,
             train_loader,

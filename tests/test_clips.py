@@ -10,7 +10,15 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.clips import ClipDataset, select_rows, three_crop
+from pipeline.data.clips import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    ClipDataset,
+    prepare_video,
+    select_rows,
+    three_crop,
+    to_tensor,
+)
 from pipeline.data.ingest import ingest
 from pipeline.data.samplers import (
     DenseSampler,
@@ -244,7 +252,7 @@ def test_item_shapes(shards, sampler, three, video_shape, frames_shape):
     data = dataset(shards[0], sampler, train=not three, three_crop=three)
     for position in (0, 2):  # landscape and portrait frames
         item = data[position]
-        assert item["video"].shape == video_shape and item["video"].dtype == torch.float32
+        assert item["video"].shape == video_shape and item["video"].dtype == torch.uint8
         assert item["frames"].shape == frames_shape and item["frames"].dtype == torch.int64
         assert item["label"] == position % 3 and item["index"] == position
         assert int(item["frames"].max()) < len(shards[1][position])
@@ -273,6 +281,29 @@ def test_normalisation_and_labels(shards):
         expected = (pixels[channel] - mean[channel]) / std[channel]
         torch.testing.assert_close(item["video"][channel], expected)
     assert [data[i]["label"] for i in range(6)] == [0, -1, 2, -1, 1, -1]
+
+
+def test_uint8_items_become_the_normalised_float_clip(shards):
+    plain = dataset(shards[0], DenseSampler(4, 1, False), train=False)
+    explicit = dataset(
+        shards[0], DenseSampler(4, 1, False), train=False, mean=(0.485, 0.456, 0.4060001)
+    )  # other statistics: the item is normalised by the dataset itself
+    assert plain[1]["video"].dtype == torch.uint8 and explicit[1]["video"].dtype == torch.float32
+    batch = torch.stack([plain[1]["video"], plain[2]["video"]])
+    prepared = prepare_video(batch)
+    assert prepared.dtype == torch.float32
+    centre = ShardStore(shards[0]).read_clip(1, plain[1]["frames"].numpy())[:, 4:20, 8:24]
+    expected = to_tensor(centre, IMAGENET_MEAN, IMAGENET_STD)
+    torch.testing.assert_close(prepared[0], expected, atol=1e-5, rtol=1e-5)
+    assert prepare_video(prepared) is prepared  # float batches pass through
+
+
+def test_epoch_keys_equal_set_epoch(shards):
+    data = dataset(shards[0], SegmentSampler(4, train=True))
+    keyed = data[(3, 2)]
+    data.set_epoch(3)
+    assert torch.equal(keyed["video"], data[2]["video"])
+    assert torch.equal(keyed["frames"], data[2]["frames"])
 
 
 def test_items_depend_only_on_seed_epoch_position(shards):
@@ -353,3 +384,22 @@ def test_reads_what_ingest_wrote(tmp_path, codec):
         clip = store.read_clip(row, np.arange(store.num_frames(row)))
         assert clip.shape == expected.shape == (len(reader), 32, 40, 3)
         assert np.abs(clip.astype(int) - expected).mean() <= (0 if codec == "raw" else 0.5)
+
+
+def test_persistent_workers_see_each_epoch_like_the_main_process(shards):
+    from pipeline.train import make_loader, start_epoch
+
+    data = dataset(shards[0], SegmentSampler(4, train=True))
+
+    def two_epochs(workers: int) -> list[torch.Tensor]:
+        loader = make_loader(data, batch_size=3, shuffle=True, seed=5, num_workers=workers)
+        assert loader.persistent_workers == (workers > 0)
+        batches = []
+        for epoch in range(2):
+            start_epoch(loader, 5, epoch)
+            batches += [torch.cat([b["video"].flatten(), b["frames"].flatten()]) for b in loader]
+        return batches
+
+    serial, parallel = two_epochs(0), two_epochs(1)
+    assert all(torch.equal(a, b) for a, b in zip(serial, parallel, strict=True))
+    assert not torch.equal(serial[0], serial[2])  # epoch 1 differs from epoch 0

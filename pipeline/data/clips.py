@@ -73,6 +73,28 @@ def to_tensor(clip: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> 
     return normalise(to_unit_float(clip), mean, std)
 
 
+def to_uint8_tensor(clip: np.ndarray) -> torch.Tensor:
+    """uint8 (T, H, W, 3) -> uint8 (C, T, H, W): the loader's item, normalised later per batch."""
+    return torch.from_numpy(np.ascontiguousarray(clip)).permute(3, 0, 1, 2).contiguous()
+
+
+def prepare_video(video: torch.Tensor) -> torch.Tensor:
+    """A batch's "video" as the model takes it: uint8 pixels become float32 normalised with the
+    ImageNet statistics (on whatever device the batch is on); float videos are already normalised.
+
+    Why batches travel as uint8: per clip, converting and normalising costs more than reading the
+    frames (`python -m pipeline bench train`); once per batch it is cheap, on a GPU nearly free,
+    and a uint8 batch is a quarter of the bytes to collate, pin and copy.
+    """
+    if video.dtype != torch.uint8:
+        return video
+    shape = [1] * video.dim()
+    shape[-4] = 3  # channels: (..., C, T, H, W)
+    mean = torch.tensor(IMAGENET_MEAN, device=video.device).mul_(255).view(shape)
+    std = torch.tensor(IMAGENET_STD, device=video.device).mul_(255).view(shape)
+    return video.float().sub_(mean).div_(std)
+
+
 def select_rows(
     manifest: pd.DataFrame, split_col: str, split: str, labeled_percent: int | None = None
 ) -> np.ndarray:
@@ -92,13 +114,19 @@ class ClipDataset(torch.utils.data.Dataset):
     """Clips of manifest rows `rows` as the contract's dict {"video", "label", "index", "frames"}.
 
     `sampler` gives (T,) or (V, T) frame indices; (V, T) or three_crop give "video" (V, C, T, H, W).
+    "video" is uint8 pixels (made model-ready per batch by `prepare_video`, as the trainer and the
+    evaluator do), or float32 already normalised when there is an `augment` or non-ImageNet
+    mean/std. Items are indexed by position, or by (epoch, position), which lets persistent
+    DataLoader workers (pipeline.train.make_loader) draw each epoch's crops without `set_epoch`.
     Training crops each view at random and (with `flip`) flips it with p = 0.5; `augment`, if
     given, is called as augment(clip, rng) on each training view in [0, 1] (C, T, H, W) before
     normalisation (e.g. pipeline.data.augment.VideoAugment). Testing centre-crops, or with
     `three_crop` takes three crops along the long side (views clip-major: clip 0's three crops
     first). `label_mask` (bool per manifest row) marks labeled videos; others get label -1.
-    Call `set_epoch` before each epoch (with persistent DataLoader workers it does not reach them).
+    Call `set_epoch` before each epoch when indexing by position.
     """
+
+    epoch_keys = True  # takes (epoch, position) keys: see pipeline.train.make_loader
 
     def __init__(
         self,
@@ -155,14 +183,18 @@ class ClipDataset(torch.utils.data.Dataset):
         return [center_crop(clip, self.crop_size)]
 
     def _tensor(self, view: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+        augment = self.train and self.augment is not None
+        if not augment and (self.mean, self.std) == (IMAGENET_MEAN, IMAGENET_STD):
+            return to_uint8_tensor(view)
         video = to_unit_float(view)
-        if self.train and self.augment is not None:
+        if augment:
             video = self.augment(video, rng)
         return normalise(video, self.mean, self.std)
 
-    def __getitem__(self, position: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, position = key if isinstance(key, tuple) else (self.epoch, key)
         row = int(self.rows[position])
-        rng = np.random.default_rng([self.seed, self.epoch, position])
+        rng = np.random.default_rng([self.seed, epoch, position])
         frames = self.sampler(self.store.num_frames(row), rng)
         single = frames.ndim == 1 and not self.three_crop
         frames = frames.reshape(-1, frames.shape[-1])
