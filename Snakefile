@@ -22,7 +22,18 @@ HAS_GPU = shutil.which("nvidia-smi") is not None
 
 
 def _files(paths):
-    return [directory(p.rstrip("/")) if p.endswith("/") else p for p in paths]
+    """Outputs as Snakemake declares them: folders as directory(), tables and figures as report()
+    items, so `snakemake --report report.html <target>` gathers them into one page."""
+    files = []
+    for path in paths:
+        if path.endswith("/"):
+            files.append(directory(path.rstrip("/")))
+        elif path.endswith(".png") or (path.startswith("results/tables/") and path.endswith(".csv")):
+            category = "Tables" if path.endswith(".csv") else "Figures"
+            files.append(report(path, category=category))
+        else:
+            files.append(path)
+    return files
 
 
 rule all:

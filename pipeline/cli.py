@@ -10,9 +10,11 @@ import sys
 from pathlib import Path
 
 from pipeline.config import DeclaredParams, load_params
+from pipeline.dag import TEACHER_IMAGE_SETS, WEIGHTINGS
 from pipeline.errors import ConfigError, DataError
 
 EXIT_CONFIG = 2
+TABLES = ("selfkd_table3", "selfkd_table8", "teachers", "table3", "table2", "table4", "table1")
 
 
 def _stage(stage_name: str):
@@ -114,6 +116,10 @@ def cmd_train(args) -> None:
 
 
 def cmd_table(args) -> None:
+    if args.table == "teachers":
+        return _teachers_table()
+    if args.table in ("table3", "table2", "table4", "table1"):
+        return _dtg_table(args.table)
     _, all_params, params = _stage(args.table)
     from pipeline.dag import run_dir, selfkd_runs
     from pipeline.tables import write_selfkd_table
@@ -126,6 +132,220 @@ def cmd_table(args) -> None:
         dirs,
         Path(f"results/tables/{args.table}.csv"),
         Path(f"results/figures/{args.table}.png"),
+    )
+
+
+def cmd_teacher(args) -> None:
+    params = _declared(f"teacher_{args.name}")
+    from pipeline.dag import teacher_dir, teacher_images
+    from pipeline.teachers.make import make_teacher
+
+    make_teacher(
+        args.name,
+        params.teachers[args.name].model_dump(),
+        synthetic=params.teachers.synthetic.model_dump(),
+        images=Path(teacher_images(load_params(), args.name)),
+        out_dir=Path(teacher_dir(args.name)),
+        init=Path(teacher_dir("imagenet")) / "model.pt",
+        threads=args.threads,
+    )
+
+
+def cmd_features(args) -> None:
+    params = _declared(f"features_{args.dataset}_{args.teacher}")
+    from pipeline.dag import features_dir, teacher_dir
+    from pipeline.io import file_sha256
+    from pipeline.teachers import load_teacher
+    from pipeline.teachers.features import build_feature_cache
+
+    checkpoint = Path(teacher_dir(args.teacher)) / "model.pt"
+    parts_size = params.features.parts_size if args.teacher == "schp" else 8
+    build_feature_cache(
+        shard_dir=Path(f"data/shards/{args.dataset}"),
+        teacher=load_teacher(checkpoint, parts_size=parts_size),
+        checkpoint_sha256=file_sha256(checkpoint),
+        out_dir=Path(features_dir(args.dataset, args.teacher)),
+        dataset=args.dataset,
+        batch_size=params.features.batch_size,
+        device=params.features.device,
+        threads=args.threads,
+    )
+
+
+def _trainer_fields(section) -> dict:
+    """A TrainParams section as the trainer's keywords (validation carving is the run's)."""
+    fields = section.model_dump()
+    fields.pop("val_fraction")
+    return fields
+
+
+def cmd_pretrain(args) -> None:
+    from pipeline.config import lookup
+    from pipeline.dag import DTGRun, features_dir, pretrain_stage, run_dir, single_finetunes
+
+    run = DTGRun(
+        tuple(args.teachers.split(",")),
+        args.weighting,
+        args.seed,
+        args.student,
+        args.anchor,
+        args.guidance,
+        args.overlap,
+    )
+    all_params = load_params()
+    # Built from the arguments, not looked up: a run outside every table (an ablation) works too.
+    stage = pretrain_stage(all_params, args.dataset, run)
+    params = DeclaredParams(all_params, stage.params)
+    declared = {key: lookup(all_params, key) for key in stage.params}
+    from pipeline.pretrain import pretrain_dtg, single_teacher_accuracies
+
+    dtg = params.dtg
+    accuracies = None
+    if run.weighting == "offline":
+        singles = zip(run.teachers, single_finetunes(run), strict=True)
+        accuracies = single_teacher_accuracies(
+            {t: Path(run_dir(args.dataset, name)) for t, name in singles}, dtg.offline_from
+        )
+    online = run.weighting.startswith("online")
+    pretrain_dtg(
+        shard_dir=Path(f"data/shards/{args.dataset}"),
+        caches={t: Path(features_dir(args.dataset, t)) for t in run.teachers},
+        run_dir=Path(run_dir(args.dataset, run.name)),
+        split=params.datasets[args.dataset].split,
+        teachers=run.teachers,
+        weighting="equal" if run.weighting == "single" else run.weighting,
+        offline_accuracies=accuracies,
+        model=dtg.students[run.student].model_dump(),
+        clips={
+            "segments": 1 if run.anchor == "img" else dtg.segments,
+            "crop": dtg.crop,
+            "guidance": run.guidance,
+            "overlap": run.overlap,
+        },
+        dtg={
+            "tau": dtg.tau,
+            "queue_size": dtg.queue_size,
+            "proj_hidden": dtg.proj_hidden,
+            **(
+                {
+                    "online1_temperature": dtg.online1_temperature,
+                    "online2_temperature": dtg.online2_temperature,
+                }
+                if online
+                else {}
+            ),
+        },
+        train=_trainer_fields(dtg.pretrain),
+        seed=run.seed,
+        threads=args.threads,
+        params=declared,
+        figure=Path(f"results/figures/{run.name}_weights.png") if online else None,
+    )
+
+
+def cmd_finetune(args) -> None:
+    from pipeline.config import lookup
+    from pipeline.dag import FinetuneRun, RunSpec, features_dir, run_dir, teacher_dir
+    from pipeline.finetune import ClipSpec, train_run
+
+    teachers = tuple(args.guided_by.split(",")) if args.guided_by else ()
+    run = FinetuneRun(
+        args.student, args.seed, init_teacher=args.init_teacher or "", guided_by=teachers
+    )
+    # A pretrained run is named by its pretraining run (FinetuneRun.name for a DTGRun).
+    name = f"ft_{args.pretrained}" if args.pretrained else run.name
+    stage, all_params, params = _stage(f"finetune_{args.dataset}_{name}")
+    declared = {key: lookup(all_params, key) for key in stage.params}
+    dtg = params.dtg
+    guided = None
+    if args.guided_by:
+        guided = {
+            "caches": {t: Path(features_dir(args.dataset, t)) for t in teachers},
+            "segments": dtg.segments,
+            "guidance": dtg.guidance,
+            "overlap": dtg.overlap,
+            "alpha": dtg.alpha,
+            "beta": dtg.beta,
+            "tau": dtg.tau,
+            "queue_size": dtg.queue_size,
+            "proj_hidden": dtg.proj_hidden,
+        }
+    train_run(
+        Path(f"data/shards/{args.dataset}"),
+        Path(run_dir(args.dataset, name)),
+        run=RunSpec("supervised", args.seed, augment=False),
+        split=params.datasets[args.dataset].split,
+        clips=ClipSpec(**dtg.finetune_clips.model_dump()),
+        model=dtg.students[args.student].model_dump(),
+        train=dtg.finetune.model_dump(),
+        augment=None,
+        threads=args.threads,
+        params=declared,
+        init=Path(run_dir(args.dataset, args.pretrained)) / "model.pt" if args.pretrained else None,
+        init_teacher=Path(teacher_dir(args.init_teacher)) / "model.pt"
+        if args.init_teacher
+        else None,
+        labeled_percent=dtg.labeled_percent,
+        guided=guided,
+    )
+
+
+def _teachers_table() -> None:
+    _, all_params, params = _stage("teachers_table")
+    from pipeline.dag import TEACHER_IMAGE_SETS, features_dir, teacher_dir
+    from pipeline.tables import teacher_table, write_table
+
+    names = list(TEACHER_IMAGE_SETS)
+    table = teacher_table(
+        names,
+        {name: Path(teacher_dir(name)) for name in names},
+        {name: Path(features_dir(params.dataset, name)) for name in names},
+    )
+    write_table(table, Path("results/tables/teachers.csv"))
+
+
+def _dtg_table(name: str) -> None:
+    _, all_params, params = _stage(name)
+    from pipeline.dag import ALL_TEACHERS, dtg_tables, run_dir, teacher_dir
+    from pipeline.tables import write_dtg_table
+
+    rows = dtg_tables(all_params)[name]
+    runs = {run.name for _, run in rows} | {
+        run.pretrained.name for _, run in rows if run.pretrained
+    }
+    write_dtg_table(
+        name,
+        rows,
+        {run: Path(run_dir(params.dataset, run)) for run in runs},
+        {t: Path(teacher_dir(t)) for t in ALL_TEACHERS},
+        Path(f"results/tables/{name}.csv"),
+        Path(f"results/figures/{name}.png"),
+    )
+
+
+def cmd_tsne(args) -> None:
+    _, all_params, params = _stage(f"tsne_{args.dataset}")
+    from pipeline.dag import run_dir, tsne_runs
+    from pipeline.figures import tsne_figure
+    from pipeline.finetune import ClipSpec, test_features
+
+    dtg = params.dtg
+    features = {}
+    for label, run in tsne_runs(all_params).items():
+        features[label], labels, names = test_features(
+            Path(f"data/shards/{args.dataset}"),
+            Path(run_dir(args.dataset, run.name)) / "model.pt",
+            model=dtg.students[dtg.student].model_dump(),
+            clips=ClipSpec(**dtg.finetune_clips.model_dump()),
+            split=params.datasets[args.dataset].split,
+            threads=args.threads,
+        )
+    tsne_figure(
+        features,
+        labels,
+        names,
+        Path(f"results/figures/dtg_tsne_{args.dataset}.png"),
+        title="Test-split features without and with supervised DTG (DTG-Net Figure 4)",
     )
 
 
@@ -177,6 +397,27 @@ def cmd_bench(args) -> None:
         from pipeline.bench.models import bench_models
 
         bench_models()
+    elif args.what == "features":
+        from pipeline.bench.features import run
+        from pipeline.dag import ALL_TEACHERS, features_dir, teacher_dir
+
+        params = load_params()
+        dtg = params.dtg
+        run(
+            Path(f"data/shards/{params.dataset}"),
+            teacher_paths={t: Path(teacher_dir(t)) / "model.pt" for t in ALL_TEACHERS},
+            cache_dirs={t: Path(features_dir(params.dataset, t)) for t in ALL_TEACHERS},
+            model=dtg.students[dtg.student].model_dump(),
+            segments=dtg.segments,
+            crop=dtg.crop,
+            guidance=dtg.guidance,
+            overlap=dtg.overlap,
+            batch_size=dtg.pretrain.batch_size,
+            threads=args.threads,
+            steps=args.steps,
+            split=params.datasets[params.dataset].split,
+            dtg={"tau": dtg.tau, "queue_size": dtg.queue_size, "proj_hidden": dtg.proj_hidden},
+        )
     elif args.what == "train":
         from pipeline.bench.train import bench_train
 
@@ -221,8 +462,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     stage("augment-figure", cmd_augment_figure, "one clip under each augmentation", dataset=True)
 
+    p = stage("teacher", cmd_teacher, "train or import a frozen image teacher")
+    p.add_argument("--name", required=True, choices=list(TEACHER_IMAGE_SETS))
+    p = stage("features", cmd_features, "cache a teacher's per-frame outputs", dataset=True)
+    p.add_argument("--teacher", required=True, choices=list(TEACHER_IMAGE_SETS))
+
+    stage("tsne", cmd_tsne, "t-SNE of supervised runs with and without DTG", dataset=True)
+
+    p = stage("pretrain", cmd_pretrain, "DTG-Net self-supervised pretraining", dataset=True)
+    p.add_argument("--teachers", required=True, help="comma-separated teacher names")
+    p.add_argument("--weighting", required=True, choices=WEIGHTINGS)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--student", required=True, choices=["r3d", "tsn"])
+    p.add_argument("--anchor", required=True, choices=["img", "seq"])
+    p.add_argument("--guidance", required=True, choices=["img", "seq"])
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, required=True)
+
+    p = stage("finetune", cmd_finetune, "fine-tune and test a DTG student", dataset=True)
+    p.add_argument("--student", required=True, choices=["r3d", "tsn"])
+    p.add_argument("--seed", type=int, required=True)
+    init = p.add_mutually_exclusive_group()
+    init.add_argument("--pretrained", help="a pretrain run's name: start from its model.pt")
+    init.add_argument(
+        "--init-teacher", choices=list(TEACHER_IMAGE_SETS), help="start from a 2D teacher"
+    )
+    init.add_argument("--guided-by", help="supervised DTG with these comma-separated teachers")
+
     p = stage("table", cmd_table, "assemble a table from its runs' metrics")
-    p.add_argument("table", choices=["selfkd_table3", "selfkd_table8"])
+    p.add_argument("table", choices=[*TABLES])
 
     p = sub.add_parser("dvc-yaml", help="write dvc.yaml from the stage registry")
     p.add_argument("--check", action="store_true", help="exit 1 if the committed file is stale")
@@ -233,9 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="print speed figures side by side with the alternative")
-    p.add_argument("what", choices=["data", "models", "train"])
+    p.add_argument("what", choices=["data", "models", "train", "features"])
     p.add_argument("--clips", type=int, default=200, help="clips to read (bench data)")
-    p.add_argument("--steps", type=int, default=40, help="timed steps (bench train)")
+    p.add_argument("--steps", type=int, default=40, help="timed steps (bench train, features)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (bench train)")
     p.set_defaults(func=cmd_bench)
     return parser

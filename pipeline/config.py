@@ -141,6 +141,83 @@ class SelfKDParams(Section):
     tau_squared: bool = False  # Hinton's tau^2 factor; the authors' code has none
 
 
+TEACHER_NAMES = ("imagenet", "places", "bu101", "stanford40", "schp")
+
+
+class TeacherParams(Section):
+    """One frozen image teacher: where its weights come from (README, "Teachers")."""
+
+    # synthetic: trained by the `teacher` stage on its synthetic image set (the embedded default);
+    # torchvision / places365 / schp: an official checkpoint file; finetune: trained by the
+    # `teacher` stage on a real image set (BU101, Stanford40), starting from the imagenet teacher.
+    source: Literal["synthetic", "torchvision", "places365", "schp", "finetune"] = "synthetic"
+    checkpoint: str = ""  # the official file; torchvision: "" looks in the TORCH_HOME cache
+    images: str = ""  # image dataset root; "" = the synthetic world's images/<set>
+    arch: Literal["resnet18", "resnet50"] = "resnet18"  # real classifier teachers
+    label_set: Literal["pascal", "lip", "atr"] = "pascal"  # schp checkpoints
+    categories: str = ""  # places365: categories_places365.txt ("" = class indices)
+    # training (synthetic / finetune): the image sets differ in size, so each has its own
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 8
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    input_size: Annotated[int, Field(ge=8, le=1024)] = 32  # the network's input side
+
+
+class SyntheticTeacherParams(Section):
+    """How the `teacher` stage builds the small synthetic teachers (pipeline/teachers)."""
+
+    width: Annotated[int, Field(ge=1, le=256)] = 8  # classifiers: a width-8 resnet18, 64-d
+    layers: tuple[PosInt, PosInt, PosInt, PosInt] = (1, 1, 1, 1)
+    stem_stride: Annotated[int, Field(ge=1, le=8)] = 2
+    parser_width: Annotated[int, Field(ge=1, le=256)] = 16  # the tiny encoder-decoder parser
+    lr: Annotated[float, Field(gt=0.0, le=10.0)] = 0.05
+
+
+class TeachersParams(Section):
+    imagenet: TeacherParams = TeacherParams()
+    places: TeacherParams = TeacherParams()
+    bu101: TeacherParams = TeacherParams()
+    stanford40: TeacherParams = TeacherParams()
+    schp: TeacherParams = TeacherParams()
+    synthetic: SyntheticTeacherParams = SyntheticTeacherParams()
+
+
+class FeaturesParams(Section):
+    batch_size: Annotated[int, Field(ge=1, le=65536)] = 512  # frames per teacher forward pass
+    parts_size: Annotated[int, Field(ge=1, le=128)] = 8  # side of the cached schp part maps
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class DTGParams(Section):
+    """DTG-Net (pipeline/methods/dtg.py): self-supervised pretraining guided by frozen teachers,
+    then fine-tuning on a labeled subset. Where the paper is silent the choice is ours (README)."""
+
+    students: dict[Literal["r3d", "tsn"], ModelParams] = {
+        "r3d": ModelParams(name="r3d_18"),
+        "tsn": ModelParams(name="tsn_resnet18", width=16),
+    }
+    student: Literal["r3d", "tsn"] = "r3d"  # the student of every table-3 row
+    segments: Annotated[int, Field(ge=1, le=64)] = 4  # T: one random frame per segment
+    crop: Annotated[int, Field(ge=8, le=512)] = 32
+    guidance: Literal["img", "seq"] = "seq"  # teachers see one frame or the whole sequence
+    overlap: bool = True  # anchor and guidance sequences may share frames (the paper's better)
+    tau: Annotated[float, Field(gt=0.0)] = 0.1  # InfoNCE temperature
+    queue_size: Annotated[int, Field(ge=1, le=1_000_000)] = 512  # K negatives per teacher
+    proj_hidden: Annotated[int, Field(ge=1, le=8192)] = 128  # projection head's hidden width
+    online1_temperature: Annotated[float, Field(gt=0.0)] = 1.0  # softmax over cosine similarity
+    online2_temperature: Annotated[float, Field(gt=0.0)] = 0.1  # softmax over -rank / (K + 1)
+    # offline weights: softmax over the single-teacher rows' top-1 (percent) on the validation
+    # carve ("val", so the test split never selects anything) or on the test split (the paper)
+    offline_from: Literal["val", "test"] = "val"
+    labeled_percent: Literal[1, 5, 10, 20, 50, 100] = 20  # fine-tuning budget (100 = all)
+    alpha: Annotated[float, Field(ge=0.0)] = 0.1  # supervised DTG: alpha * L_CT + beta * L_CE
+    beta: Annotated[float, Field(ge=0.0)] = 1.0
+    pretrain: TrainParams = TrainParams(epochs=6, batch_size=64, lr=0.1, warmup_epochs=1)
+    finetune: TrainParams = TrainParams(
+        epochs=15, batch_size=32, lr=0.05, warmup_epochs=1, val_every=15
+    )
+    finetune_clips: ClipParams = ClipParams(frames=4, stride=8, crop=32, test_clips=3)
+
+
 class SeedsTable(Section):
     seeds: tuple[NonNegInt, ...] = (0, 1, 2)
 
@@ -154,6 +231,10 @@ class SelfKDGridTable(Section):
 class TablesParams(Section):
     selfkd_table3: SeedsTable = SeedsTable()
     selfkd_table8: SelfKDGridTable = SelfKDGridTable()
+    table3: SeedsTable = SeedsTable()  # DTG-Net: teachers and weightings
+    table2: SeedsTable = SeedsTable(seeds=(0,))  # DTG-Net: input ablation
+    table4: SeedsTable = SeedsTable()  # DTG-Net: supervised DTG vs without
+    table1: SeedsTable = SeedsTable()  # DTG-Net: initialisations vs DTG
 
 
 class Params(Section):
@@ -166,6 +247,9 @@ class Params(Section):
     train: TrainParams = TrainParams()
     augment: AugmentParams = AugmentParams()
     selfkd: SelfKDParams = SelfKDParams()
+    teachers: TeachersParams = TeachersParams()
+    features: FeaturesParams = FeaturesParams()
+    dtg: DTGParams = DTGParams()
     tables: TablesParams = TablesParams()
 
     @model_validator(mode="after")

@@ -52,7 +52,7 @@ def data_stages(params: Params) -> list[Stage]:
     dataset = params.dataset
     raw = params.datasets[dataset].raw.rstrip("/") + "/"
     stages = []
-    if dataset == "synth":
+    if dataset == "synth" or uses_synthetic_images(params):
         stages.append(
             Stage(
                 name="synth",
@@ -205,8 +205,420 @@ def selfkd_stages(params: Params) -> list[Stage]:
     return list(stages.values())
 
 
+# ---------------------------------------------------------------- teachers and the feature cache
+
+TEACHER_CODE = ("pipeline/teachers/__init__.py", "pipeline/teachers/base.py")
+TEACHER_IMAGE_SETS = {
+    "imagenet": "objects",
+    "places": "scenes",
+    "bu101": "bu101",
+    "stanford40": "stanford40",
+    "schp": "parsing",
+}
+
+
+def teacher_dir(name: str) -> str:
+    return f"results/teachers/{name}/"
+
+
+def features_dir(dataset: str, teacher: str) -> str:
+    return f"data/features/{dataset}/{teacher}/"
+
+
+def teacher_images(params: Params, name: str) -> str:
+    """The image dataset a teacher trains (or is tested) on: its own, or the synthetic world's."""
+    images = lookup(params, f"teachers.{name}.images")
+    synth_raw = params.datasets["synth"].raw.rstrip("/")
+    return images.rstrip("/") + "/" if images else f"{synth_raw}/images/{TEACHER_IMAGE_SETS[name]}/"
+
+
+def uses_synthetic_images(params: Params) -> bool:
+    return any(not lookup(params, f"teachers.{name}.images") for name in TEACHER_IMAGE_SETS)
+
+
+def teacher_stage(params: Params, name: str) -> Stage:
+    source = lookup(params, f"teachers.{name}.source")
+    images = teacher_images(params, name)
+    # Synthetic images are files inside the synth stage's output folder: depend on the folder.
+    synth_raw = params.datasets["synth"].raw.rstrip("/") + "/"
+    deps = [synth_raw if images.startswith(synth_raw) else images]
+    declared = [f"teachers.{name}"]
+    code = [*TEACHER_CODE, "pipeline/teachers/images.py"]
+    if source in ("synthetic", "finetune"):
+        declared.append("teachers.synthetic")
+        code += [
+            "pipeline/teachers/train_teacher.py",
+            "pipeline/train.py",
+            "pipeline/models/image.py",
+        ]
+        if name == "schp":
+            code.append("pipeline/teachers/parsing.py")
+    if source == "finetune":
+        deps.append(f"{teacher_dir('imagenet')}model.pt")
+    if source in ("torchvision", "places365", "schp"):
+        code.append("pipeline/teachers/sources.py")
+        checkpoint = lookup(params, f"teachers.{name}.checkpoint")
+        if checkpoint:
+            deps.append(checkpoint)
+        if source == "schp":
+            code.append("pipeline/teachers/schp.py")
+    out = teacher_dir(name)
+    return Stage(
+        name=f"teacher_{name}",
+        cmd=f"python -m pipeline teacher --name {name}",
+        deps=tuple(deps),
+        outs=(f"{out}model.pt", f"{out}metrics.json"),
+        params=tuple(declared),
+        code=tuple(code),
+        gpu=1,
+    )
+
+
+def features_stage(params: Params, dataset: str, teacher: str) -> Stage:
+    declared = ["features.batch_size", "features.device"]
+    if teacher == "schp":
+        declared.append("features.parts_size")
+    return Stage(
+        name=f"features_{dataset}_{teacher}",
+        cmd=f"python -m pipeline features --dataset {dataset} --teacher {teacher}",
+        deps=(_shards(dataset), f"{teacher_dir(teacher)}model.pt"),
+        outs=(features_dir(dataset, teacher),),
+        params=tuple(declared),
+        code=(*TEACHER_CODE, "pipeline/teachers/features.py", "pipeline/data/shards.py"),
+        gpu=1,
+    )
+
+
+def teacher_stages(params: Params) -> list[Stage]:
+    stages = [teacher_stage(params, name) for name in TEACHER_IMAGE_SETS]
+    stages += [features_stage(params, params.dataset, name) for name in TEACHER_IMAGE_SETS]
+    stages.append(
+        Stage(
+            name="teachers_table",
+            cmd="python -m pipeline table teachers",
+            deps=tuple(f"{teacher_dir(name)}metrics.json" for name in TEACHER_IMAGE_SETS)
+            + tuple(f"{features_dir(params.dataset, name)}" for name in TEACHER_IMAGE_SETS),
+            outs=("results/tables/teachers.csv",),
+            params=("dataset",),
+            code=("pipeline/tables.py",),
+            target=True,
+        )
+    )
+    return stages
+
+
+# ---------------------------------------------------------------- DTG-Net
+
+ALL_TEACHERS = ("imagenet", "places", "bu101", "stanford40")
+WEIGHTINGS = ("single", "equal", "offline", "online1", "online2")
+
+
+@dataclass(frozen=True)
+class DTGRun:
+    """One DTG-Net pretraining: which teachers, how they are weighted, and the input variant."""
+
+    teachers: tuple[str, ...]
+    weighting: str  # "single" (one teacher) | "equal" | "offline" | "online1" | "online2"
+    seed: int
+    student: str  # a key of dtg.students: "r3d" | "tsn"
+    anchor: str  # the student's input: "seq" (dtg.segments frames) | "img" (one frame)
+    guidance: str  # the teachers' input: "seq" (mean over the sequence) | "img" (one frame)
+    overlap: bool  # anchor and guidance sequences may share frames
+
+    @property
+    def name(self) -> str:
+        teachers = "all" if self.teachers == ALL_TEACHERS else "+".join(self.teachers)
+        return (
+            f"dtg_{teachers}_{self.weighting}_{self.student}-{self.anchor}"
+            f"_{self.guidance}_{'ov' if self.overlap else 'sep'}_s{self.seed}"
+        )
+
+    @property
+    def args(self) -> str:
+        return (
+            f"--teachers {','.join(self.teachers)} --weighting {self.weighting} "
+            f"--student {self.student} --anchor {self.anchor} --guidance {self.guidance} "
+            f"--{'overlap' if self.overlap else 'no-overlap'} --seed {self.seed}"
+        )
+
+    def single(self, teacher: str) -> "DTGRun":
+        """This run's single-teacher counterpart (the offline weights come from those)."""
+        return DTGRun(
+            (teacher,), "single", self.seed, self.student, self.anchor, self.guidance, self.overlap
+        )
+
+
+@dataclass(frozen=True)
+class FinetuneRun:
+    """Supervised training of a DTG student on the labeled subset, then testing.
+
+    init: "" (random), "dtg" (from `pretrained`), or a teacher name (its 2D weights, inflated
+    into a 3D student). guided_by: teachers of supervised DTG (alpha L_CT + beta L_CE).
+    """
+
+    student: str
+    seed: int
+    pretrained: DTGRun | None = None
+    init_teacher: str = ""
+    guided_by: tuple[str, ...] = ()
+
+    @property
+    def name(self) -> str:
+        if self.pretrained is not None:
+            return f"ft_{self.pretrained.name}"
+        if self.init_teacher:
+            return f"ft_init-{self.init_teacher}_{self.student}_s{self.seed}"
+        if self.guided_by:
+            teachers = "all" if self.guided_by == ALL_TEACHERS else "+".join(self.guided_by)
+            return f"sdtg_{teachers}_{self.student}_s{self.seed}"
+        return f"ft_scratch_{self.student}_s{self.seed}"
+
+    @property
+    def args(self) -> str:
+        args = f"--student {self.student} --seed {self.seed}"
+        if self.pretrained is not None:
+            args += f" --pretrained {self.pretrained.name}"
+        if self.init_teacher:
+            args += f" --init-teacher {self.init_teacher}"
+        if self.guided_by:
+            args += f" --guided-by {','.join(self.guided_by)}"
+        return args
+
+
+def single_finetunes(run: DTGRun) -> list[str]:
+    """Names of the fine-tuned single-teacher runs whose accuracies give run's offline weights."""
+    return [FinetuneRun(run.student, run.seed, run.single(t)).name for t in run.teachers]
+
+
+def _dtg_run(params: Params, teachers, weighting, seed, **variant) -> DTGRun:
+    dtg = params.dtg
+    fields = {
+        "student": dtg.student,
+        "anchor": "seq",
+        "guidance": dtg.guidance,
+        "overlap": dtg.overlap,
+    } | variant
+    return DTGRun(tuple(teachers), weighting, seed, **fields)
+
+
+TABLE3_ROWS = (  # (row label, teachers, weighting): DTG-Net's Table 3
+    ("ImageNet", ("imagenet",), "single"),
+    ("Places", ("places",), "single"),
+    ("BU", ("bu101",), "single"),
+    ("Stanford", ("stanford40",), "single"),
+    ("ImageNet+Places", ("imagenet", "places"), "equal"),
+    ("BU+Stanford", ("bu101", "stanford40"), "equal"),
+    ("All", ALL_TEACHERS, "equal"),
+    ("All offline", ALL_TEACHERS, "offline"),
+    ("All online1", ALL_TEACHERS, "online1"),
+    ("All online2", ALL_TEACHERS, "online2"),
+)
+TABLE2_ROWS = (  # (teacher input, student, student input, overlap): DTG-Net's Table 2, ImageNet
+    ("img", "tsn", "img", True),
+    ("img", "r3d", "seq", True),
+    ("seq", "tsn", "seq", True),
+    ("seq", "tsn", "seq", False),
+    ("seq", "r3d", "seq", True),
+)
+
+
+def dtg_tables(params: Params) -> dict[str, list[tuple[str, FinetuneRun]]]:
+    """Each DTG table's (row label, fine-tuning run) pairs; pretraining runs hang off them."""
+    student = params.dtg.student
+    tables = params.tables
+    table3 = [("Scratch", FinetuneRun(student, seed)) for seed in tables.table3.seeds]
+    table3 += [
+        (label, FinetuneRun(student, seed, _dtg_run(params, teachers, weighting, seed)))
+        for label, teachers, weighting in TABLE3_ROWS
+        for seed in tables.table3.seeds
+    ]
+    table2 = [
+        (
+            f"{guidance}->teacher, {anchor}->{name}, {'overlap' if overlap else 'no overlap'}",
+            FinetuneRun(
+                name,
+                seed,
+                _dtg_run(
+                    params,
+                    ("imagenet",),
+                    "single",
+                    seed,
+                    student=name,
+                    anchor=anchor,
+                    guidance=guidance,
+                    overlap=overlap,
+                ),
+            ),
+        )
+        for guidance, name, anchor, overlap in TABLE2_ROWS
+        for seed in tables.table2.seeds
+    ]
+    table4 = [
+        (label, run)
+        for seed in tables.table4.seeds
+        for label, run in (
+            ("Supervised", FinetuneRun(student, seed)),
+            ("Supervised DTG", FinetuneRun(student, seed, guided_by=ALL_TEACHERS)),
+        )
+    ]
+    table1 = [
+        (label, run)
+        for seed in tables.table1.seeds
+        for label, run in (
+            ("Random init", FinetuneRun(student, seed)),
+            ("ImageNet-teacher init", FinetuneRun(student, seed, init_teacher="imagenet")),
+            ("BU-teacher init", FinetuneRun(student, seed, init_teacher="bu101")),
+            (
+                "DTG ImageNet",
+                FinetuneRun(student, seed, _dtg_run(params, ("imagenet",), "single", seed)),
+            ),
+            ("DTG BU", FinetuneRun(student, seed, _dtg_run(params, ("bu101",), "single", seed))),
+            (
+                "DTG BU+Stanford",
+                FinetuneRun(
+                    student, seed, _dtg_run(params, ("bu101", "stanford40"), "equal", seed)
+                ),
+            ),
+            (
+                "DTG All offline",
+                FinetuneRun(student, seed, _dtg_run(params, ALL_TEACHERS, "offline", seed)),
+            ),
+        )
+    ]
+    return {"table3": table3, "table2": table2, "table4": table4, "table1": table1}
+
+
+def tsne_runs(params: Params) -> dict[str, FinetuneRun]:
+    """Table 4's pair at its first seed (label -> run): the t-SNE figure's two models."""
+    rows = dtg_tables(params)["table4"]
+    return {label: run for label, run in rows if run.seed == rows[0][1].seed}
+
+
+DTG_CODE = (
+    "pipeline/methods/dtg.py",
+    "pipeline/data/guided.py",
+    "pipeline/teachers/features.py",
+)
+
+
+def pretrain_stage(params: Params, dataset: str, run: DTGRun) -> Stage:
+    declared = [
+        f"dtg.students.{run.student}",
+        "dtg.segments",
+        "dtg.crop",
+        "dtg.tau",
+        "dtg.queue_size",
+        "dtg.proj_hidden",
+        "dtg.pretrain",
+        f"datasets.{dataset}.split",
+    ]
+    deps = [_shards(dataset)] + [features_dir(dataset, t) for t in run.teachers]
+    if run.weighting.startswith("online"):
+        declared += ["dtg.online1_temperature", "dtg.online2_temperature"]
+    if run.weighting == "offline":
+        declared.append("dtg.offline_from")
+        deps += [f"{run_dir(dataset, name)}metrics.json" for name in single_finetunes(run)]
+    out = run_dir(dataset, run.name)
+    outs = [f"{out}model.pt", f"{out}metrics.json"]
+    if run.weighting.startswith("online"):
+        outs += [f"{out}online_weights.csv", f"results/figures/{run.name}_weights.png"]
+    return Stage(
+        name=f"pretrain_{dataset}_{run.name}",
+        cmd=f"python -m pipeline pretrain --dataset {dataset} {run.args}",
+        deps=tuple(deps),
+        outs=tuple(outs),
+        params=tuple(declared),
+        code=(*DTG_CODE, "pipeline/pretrain.py", "pipeline/train.py", "pipeline/models/video.py"),
+        gpu=1,
+    )
+
+
+def finetune_stage(params: Params, dataset: str, run: FinetuneRun) -> Stage:
+    declared = [
+        f"dtg.students.{run.student}",
+        "dtg.labeled_percent",
+        "dtg.finetune",
+        "dtg.finetune_clips",
+        f"datasets.{dataset}.split",
+    ]
+    deps = [_shards(dataset)]
+    code = list(TRAIN_CODE)
+    if run.pretrained is not None:
+        deps.append(f"{run_dir(dataset, run.pretrained.name)}model.pt")
+    if run.init_teacher:
+        deps.append(f"{teacher_dir(run.init_teacher)}model.pt")
+        code.append("pipeline/models/inflate.py")
+    if run.guided_by:
+        declared += [
+            "dtg.segments",
+            "dtg.tau",
+            "dtg.queue_size",
+            "dtg.proj_hidden",
+            "dtg.guidance",
+            "dtg.overlap",
+            "dtg.alpha",
+            "dtg.beta",
+        ]
+        deps += [features_dir(dataset, t) for t in run.guided_by]
+        code += DTG_CODE
+    out = run_dir(dataset, run.name)
+    return Stage(
+        name=f"finetune_{dataset}_{run.name}",
+        cmd=f"python -m pipeline finetune --dataset {dataset} {run.args}",
+        deps=tuple(deps),
+        outs=(f"{out}model.pt", f"{out}metrics.json", f"{out}confusion.png"),
+        params=tuple(declared),
+        code=tuple(code),
+        gpu=1,
+    )
+
+
+def dtg_stages(params: Params) -> list[Stage]:
+    dataset = params.dataset
+    stages: dict[str, Stage] = {}
+    for table, rows in dtg_tables(params).items():
+        for _, run in rows:
+            if run.pretrained is not None:
+                pre = run.pretrained
+                stages.setdefault(pre.name, pretrain_stage(params, dataset, pre))
+                if pre.weighting == "offline":  # its weights come from the single-teacher rows
+                    for teacher in pre.teachers:
+                        single = FinetuneRun(pre.student, pre.seed, pre.single(teacher))
+                        stages.setdefault(
+                            single.pretrained.name,
+                            pretrain_stage(params, dataset, single.pretrained),
+                        )
+                        stages.setdefault(single.name, finetune_stage(params, dataset, single))
+            stages.setdefault(run.name, finetune_stage(params, dataset, run))
+        outs = [f"results/tables/{table}.csv", f"results/figures/{table}.png"]
+        stages[table] = Stage(
+            name=table,
+            cmd=f"python -m pipeline table {table}",
+            deps=tuple(
+                dict.fromkeys(f"{run_dir(dataset, run.name)}metrics.json" for _, run in rows)
+            ),
+            outs=tuple(outs),
+            params=(f"tables.{table}", "dtg.student", "dtg.guidance", "dtg.overlap", "dataset"),
+            code=("pipeline/tables.py",),
+            target=True,
+        )
+    models = [f"{run_dir(dataset, run.name)}model.pt" for run in tsne_runs(params).values()]
+    stages["tsne"] = Stage(
+        name=f"tsne_{dataset}",
+        cmd=f"python -m pipeline tsne --dataset {dataset}",
+        deps=(_shards(dataset), *models),
+        outs=(f"results/figures/dtg_tsne_{dataset}.png",),
+        params=("dtg.student", f"dtg.students.{params.dtg.student}", "dtg.finetune_clips",
+                f"datasets.{dataset}.split", "tables.table4.seeds"),
+        code=("pipeline/figures.py", "pipeline/finetune.py"),
+        target=True,
+    )  # fmt: skip
+    return list(stages.values())
+
+
 def build_stages(params: Params) -> list[Stage]:
-    stages = data_stages(params) + selfkd_stages(params)
+    stages = data_stages(params) + selfkd_stages(params) + teacher_stages(params)
+    stages += dtg_stages(params)
     names = [stage.name for stage in stages]
     duplicates = {name for name in names if names.count(name) > 1}
     if duplicates:

@@ -16,14 +16,19 @@ import torch
 from pipeline.dag import RunSpec
 from pipeline.data.augment import VideoAugment
 from pipeline.data.clips import ClipDataset
+from pipeline.data.guided import GuidedClipDataset
 from pipeline.data.samplers import DenseSampler, UniformClipsSampler
 from pipeline.data.splits import carve_validation
 from pipeline.errors import DataError
 from pipeline.evaluate import confusion_figure, evaluate
 from pipeline.io import file_sha256, write_json_atomic
+from pipeline.methods.dtg import DTG
 from pipeline.methods.selfkd import TeachingYourself
 from pipeline.methods.supervised import Supervised
 from pipeline.models import build_video_model
+from pipeline.models.inflate import inflate_resnet2d_into_r3d
+from pipeline.models.video import VideoResNet
+from pipeline.pretrain import cache_keys, open_caches
 from pipeline.train import TrainSpec, fit, load_checkpoint, make_loader, seed_everything
 
 METHODS = ("supervised", "selfkd")
@@ -53,6 +58,32 @@ def _build_method(run: RunSpec, model: torch.nn.Module, selfkd: dict):
     raise ValueError(f"unknown method {run.method!r}; choose from {METHODS}")
 
 
+def load_teacher_init(network: torch.nn.Module, path: Path) -> None:
+    """Start `network` from a 2D teacher's weights (pipeline.teachers' model.pt): inflated into a
+    3D ResNet (I3D-style, "average" kernels), or loaded as they are into a TSN's 2D ResNet. The
+    classifier stays freshly initialised; any other mismatch is a DataError."""
+    from pipeline.teachers import read_teacher_checkpoint
+
+    state = {
+        k: v
+        for k, v in read_teacher_checkpoint(path)["state_dict"].items()
+        if not k.startswith("fc.")
+    }
+    try:
+        if isinstance(network, VideoResNet):
+            inflate_resnet2d_into_r3d(state, network)
+            return
+        result = network.load_state_dict(state, strict=False)
+    except (ValueError, RuntimeError) as err:
+        raise DataError(f"{path}: teacher weights do not fit the student: {err}") from None
+    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
+    if missing or result.unexpected_keys:
+        raise DataError(
+            f"{path}: teacher weights do not fit the student: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}"
+        )
+
+
 def load_init(network: torch.nn.Module, path: Path) -> None:
     """Start `network` from a model.pt; a classifier of another shape stays freshly initialised."""
     state = load_checkpoint(path)["model"]
@@ -71,11 +102,24 @@ def load_init(network: torch.nn.Module, path: Path) -> None:
         )
 
 
-def split_rows(manifest: pd.DataFrame, split_col: str, val_fraction: float, seed: int) -> dict:
-    """Row numbers of train (minus validation), validation and test videos."""
+def split_rows(
+    manifest: pd.DataFrame,
+    split_col: str,
+    val_fraction: float,
+    seed: int,
+    labeled_percent: int | None = None,
+) -> dict:
+    """Row numbers of train (minus validation), validation and test videos. labeled_percent:
+    train only on the ingest's class-stratified `labeled_<percent>` subset (None or 100: all)."""
     val = carve_validation(manifest, split_col, val_fraction, seed).to_numpy()
     train = (manifest[split_col] == "train").to_numpy()
     test = (manifest[split_col] == "test").to_numpy()
+    if labeled_percent not in (None, 100):
+        column = f"labeled_{labeled_percent}"
+        if column not in manifest.columns:
+            raise DataError(f"the shards have no {column} subset: add {labeled_percent} to "
+                            "ingest.percents and rerun ingest")  # fmt: skip
+        train = train & manifest[column].to_numpy(bool)
     return {
         "train": np.flatnonzero(train & ~val),
         "val": np.flatnonzero(val),
@@ -107,6 +151,41 @@ def train_clip_dataset(
     )
 
 
+def test_clip_dataset(shard_dir: Path, rows: np.ndarray, clips: ClipSpec) -> ClipDataset:
+    """Video-level testing: K uniformly spaced clips per video (x 3 crops with three_crop)."""
+    return ClipDataset(
+        shard_dir,
+        rows=rows,
+        sampler=UniformClipsSampler(clips.test_clips, clips.frames, clips.stride),
+        crop_size=clips.crop,
+        train=False,
+        three_crop=clips.three_crop,
+    )
+
+
+def test_features(
+    shard_dir: Path, model_path: Path, *, model: dict, clips: ClipSpec, split: int, threads: int
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A trained run's pooled test-split features (views averaged), labels and class names."""
+    from pipeline.figures import extract_features
+
+    torch.set_num_threads(threads)
+    manifest = pd.read_parquet(shard_dir / "manifest.parquet")
+    rows = np.flatnonzero((manifest[f"split{split}"] == "test").to_numpy())
+    network = build_video_model(num_classes=int(manifest["label"].max()) + 1, **model)
+    load_init(network, model_path)
+    loader = make_loader(
+        test_clip_dataset(shard_dir, rows, clips),
+        batch_size=32,
+        shuffle=False,
+        seed=0,
+        distributed=False,
+    )
+    features, labels = extract_features(network, loader)
+    names = list(manifest.drop_duplicates("label").sort_values("label")["label_name"])
+    return features, labels, names
+
+
 def train_run(
     shard_dir: Path,
     run_dir: Path,
@@ -121,6 +200,9 @@ def train_run(
     threads: int,
     params: dict,
     init: Path | None = None,
+    init_teacher: Path | None = None,
+    labeled_percent: int | None = None,
+    guided: dict | None = None,
 ) -> dict:
     """Train one run and test it; writes run_dir/{model.pt, metrics.json, confusion.png}.
 
@@ -128,7 +210,11 @@ def train_run(
     batch_size, val_fraction, workers. `params` (the stage's declared params and the run) keys the
     run directory, so a rerun with the same params resumes and other params start afresh. `init`:
     a model.pt (from this pipeline) whose weights start the network; its classifier is replaced
-    when the class count differs.
+    when the class count differs. init_teacher: a teacher's model.pt whose 2D weights start the
+    network (load_teacher_init). labeled_percent: train on that labeled subset of the train split.
+    guided: supervised DTG (alpha L_CT + beta L_CE, pipeline.methods.dtg) with keys caches
+    (teacher -> feature cache folder), segments, guidance, overlap, alpha, beta, tau, queue_size,
+    proj_hidden; its training clips are GuidedClipDataset's sparse sequences.
     """
     train = dict(train)
     batch_size = train.pop("batch_size")
@@ -139,18 +225,32 @@ def train_run(
     split_col = f"split{split}"
     manifest = pd.read_parquet(shard_dir / "manifest.parquet")
     # One validation carve for every run and seed, so runs differ only in what they declare.
-    rows = split_rows(manifest, split_col, val_fraction, seed=0)
+    rows = split_rows(manifest, split_col, val_fraction, seed=0, labeled_percent=labeled_percent)
     num_classes = int(manifest["label"].max()) + 1
 
-    train_set = train_clip_dataset(
-        shard_dir,
-        rows["train"],
-        frames=clips.frames,
-        stride=clips.stride,
-        crop=clips.crop,
-        seed=run.seed,
-        augment=VideoAugment(**augment) if run.augment else None,
-    )
+    if guided is None:
+        train_set = train_clip_dataset(
+            shard_dir,
+            rows["train"],
+            frames=clips.frames,
+            stride=clips.stride,
+            crop=clips.crop,
+            seed=run.seed,
+            augment=VideoAugment(**augment) if run.augment else None,
+        )
+    else:
+        teachers = sorted(guided["caches"])
+        train_set = GuidedClipDataset(
+            shard_dir,
+            rows=rows["train"],
+            caches=open_caches(guided["caches"], shard_dir, teachers),
+            segments=guided["segments"],
+            crop_size=clips.crop,
+            guidance=guided["guidance"],
+            overlap=guided["overlap"],
+            seed=run.seed,
+        )
+        params = {**params, "cache_keys": cache_keys(guided["caches"], teachers)}
     val_set = ClipDataset(
         shard_dir,
         rows=rows["val"],
@@ -158,14 +258,7 @@ def train_run(
         crop_size=clips.crop,
         train=False,
     )
-    test_set = ClipDataset(
-        shard_dir,
-        rows=rows["test"],
-        sampler=UniformClipsSampler(clips.test_clips, clips.frames, clips.stride),
-        crop_size=clips.crop,
-        train=False,
-        three_crop=clips.three_crop,
-    )
+    test_set = test_clip_dataset(shard_dir, rows["test"], clips)
     loader_args = {"batch_size": batch_size, "seed": run.seed, "num_workers": workers}
     train_loader = make_loader(train_set, shuffle=True, drop_last=True, **loader_args)
     val_loader = make_loader(val_set, shuffle=False, distributed=False, **loader_args)
@@ -175,9 +268,20 @@ def train_run(
     network = build_video_model(num_classes=num_classes, **model)
     if init is not None:
         load_init(network, init)
-    method = _build_method(run, network, selfkd)
-    if init is not None:
         params = {**params, "init_sha256": file_sha256(init)}
+    if init_teacher is not None:
+        load_teacher_init(network, init_teacher)
+        params = {**params, "init_sha256": file_sha256(init_teacher)}
+    if guided is None:
+        method = _build_method(run, network, selfkd)
+    else:
+        method = DTG(
+            network,
+            teachers=train_set.feature_dims,
+            supervised=True,
+            queue_seed=run.seed,
+            **{k: guided[k] for k in ("alpha", "beta", "tau", "queue_size", "proj_hidden")},
+        )
     history = fit(
         method,
         train_loader,

@@ -249,6 +249,105 @@ def describe_run(run_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def _is_teacher_folder(path: Path) -> bool:
+    metrics = path / "metrics.json"
+    return path.is_dir() and metrics.is_file() and "teacher" in json.loads(metrics.read_text())
+
+
+def describe_teacher(teacher_dir: Path) -> str:
+    """A frozen teacher: its source, score, training-set size and checkpoint."""
+    from pipeline.io import file_sha256
+    from pipeline.teachers import read_teacher_checkpoint
+
+    metrics = json.loads((teacher_dir / "metrics.json").read_text())
+    lines = [f"teacher {metrics['teacher']} ({metrics['kind']}) in {teacher_dir}"]
+    source = metrics["source"]
+    lines.append(_field("source", f"{source['kind']} {source['path']}".strip()))
+    scores = [
+        f"{k} {metrics[k]:.1f}%" for k in ("top1", "top5", "miou", "pixel_acc") if k in metrics
+    ]
+    lines.append(_field("held-out", scores or "not measured (official checkpoint)"))
+    lines.append(
+        _field("images", f"{metrics['train_size']:,} train, {metrics['eval_size']:,} held out")
+    )
+    model = teacher_dir / "model.pt"
+    if model.is_file():
+        ckpt = read_teacher_checkpoint(model)
+        prep = ckpt["preprocess"]
+        lines.append(_field("network", json.dumps(ckpt["arch"], sort_keys=True)))
+        lines.append(_field("preprocess", [f"{k}={prep[k]}" for k in sorted(prep)]))
+        lines.append(_field("classes", [str(len(ckpt["classes"]))] + ckpt["classes"][:EXAMPLES]))
+        lines.append(
+            _field("checkpoint", f"sha256 {file_sha256(model)}, {_size(model.stat().st_size)}")
+        )
+    return "\n".join(lines)
+
+
+def _is_feature_cache(path: Path) -> bool:
+    return path.is_dir() and (path / "cache.json").is_file()
+
+
+def _is_incomplete_feature_cache(path: Path) -> bool:
+    return path.is_dir() and any(path.glob("feat-*.h5"))
+
+
+def describe_feature_cache(cache_dir: Path) -> str:
+    """A teacher's feature cache: what it was built from, and its datasets' sizes."""
+    summary = json.loads((cache_dir / "cache.json").read_text())
+    frames = summary["frames"]
+    disk = sum(f.stat().st_size for f in cache_dir.iterdir() if f.is_file())
+    lines = [
+        f"feature cache {cache_dir} (dataset {summary['dataset']}, teacher {summary['teacher']})"
+    ]
+    lines.append(_field("key", summary["key"]))
+    teacher = f"{summary['kind']}, feature_dim {summary['feature_dim']}"
+    if summary["num_parts"]:
+        size = summary["parts_size"]
+        teacher += f", {summary['num_parts']} parts at {size}x{size}"
+    lines.append(_field("teacher", teacher))
+    lines.append(_field("checkpoint", f"sha256 {summary['checkpoint_sha256']}"))
+    lines.append(_field("preprocess", [f"{k}={v}" for k, v in summary["preprocess"].items()]))
+    lines.append(
+        _field("frames", f"{frames:,} in {len(summary['shards'])} shards, {_size(disk)} on disk")
+    )
+    datasets, problems = _feature_datasets(cache_dir, summary)
+    for name, (shape, dtype, stored) in datasets.items():
+        per_1000 = f", {_size(stored * 1000 / frames)} per 1,000 frames" if frames else ""
+        lines.append(_field(name, f"{shape} {dtype}, {_size(stored)}{per_1000}"))
+    if "build" in summary:
+        lines.append(_field("build", [f"{k}={v}" for k, v in summary["build"].items()]))
+    lines.extend(_field("PROBLEM", problem) for problem in problems)
+    return "\n".join(lines)
+
+
+def _feature_datasets(cache_dir: Path, summary: dict) -> tuple[dict[str, tuple], list[str]]:
+    """{name: (shape over all shards, dtype, stored bytes)}, and the feat files that disagree with
+    cache.json."""
+    rows, shapes, dtypes, stored, problems = 0, {}, {}, collections.Counter(), []
+    for entry in summary["shards"]:
+        path = cache_dir / entry["file"]
+        try:
+            with h5py.File(path, "r") as file:
+                if file.attrs.get("key") != summary["key"]:
+                    problems.append(f"{path.name} is from another build (key differs)")
+                rows += entry["rows"]
+                for name, dataset in file.items():
+                    shapes[name], dtypes[name] = dataset.shape[1:], dataset.dtype
+                    stored[name] += dataset.id.get_storage_size()
+        except OSError as err:
+            problems.append(f"{path.name} unreadable ({err})")
+    datasets = {name: ((rows, *shapes[name]), dtypes[name], stored[name]) for name in shapes}
+    return datasets, problems
+
+
+def describe_incomplete_feature_cache(cache_dir: Path) -> str:
+    count = len(list(cache_dir.glob("feat-*.h5")))
+    return (
+        f"feature cache {cache_dir} is INCOMPLETE: {count} feat files but no cache.json "
+        "(the features stage was interrupted; rerunning it keeps the finished shards)"
+    )
+
+
 DESCRIBERS: list[Describer] = [
     Describer("a shard folder (manifest.parquet)", _is_shard_folder, describe_shards),
     Describer(
@@ -256,5 +355,12 @@ DESCRIBERS: list[Describer] = [
         _is_incomplete_shard_folder,
         describe_incomplete_shards,
     ),
+    Describer("a teacher folder (model.pt, metrics.json)", _is_teacher_folder, describe_teacher),
     Describer("a run folder (metrics.json, checkpoints/)", _is_run_folder, describe_run),
+    Describer("a feature cache (cache.json)", _is_feature_cache, describe_feature_cache),
+    Describer(
+        "an unfinished feature cache (feat-*.h5)",
+        _is_incomplete_feature_cache,
+        describe_incomplete_feature_cache,
+    ),
 ]

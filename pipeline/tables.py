@@ -126,3 +126,209 @@ def write_selfkd_table(
         table.to_csv(tmp, index=False)
     print(table.to_string(index=False))
     return table
+
+
+# ---------------------------------------------------------------- DTG-Net and the teachers
+
+# DTG-Net's tables on UCF101 split 1 (acc@1, acc@5): for reference only, never compared as equals.
+DTG_PAPER_TABLE3 = {
+    "ImageNet": (59.98, 82.47),
+    "Places": (49.96, 72.54),
+    "BU": (62.01, 84.19),
+    "Stanford": (61.83, 83.48),
+    "ImageNet+Places": (54.77, 77.74),
+    "BU+Stanford": (62.65, 83.61),
+    "All": (60.45, 82.84),
+    "All offline": (63.28, 84.38),
+    "All online1": (61.59, 82.47),
+    "All online2": (59.48, 82.18),
+}
+DTG_PAPER_TABLE2 = {  # keyed by (teacher input, student, student input, overlap)
+    ("img", "tsn", "img", True): (57.73, 80.07),
+    ("img", "r3d", "seq", True): (58.02, 79.62),
+    ("seq", "tsn", "seq", True): (58.76, 80.84),
+    ("seq", "tsn", "seq", False): (57.65, 79.73),
+}
+
+
+def _json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read {what} ({err!r}); rerun its stage") from None
+
+
+def finetune_metrics(run_dir: Path) -> dict:
+    """A fine-tuning run's test acc@1, acc@5 and mAP (video level, percent)."""
+    path = run_dir / "metrics.json"
+    metrics = _json(path, "the run's metrics")
+    try:
+        test = metrics["test"]
+        return {
+            "acc@1": 100 * test["video_top1"],
+            "acc@5": 100 * test["video_top5"],
+            "mAP": 100 * test["video_map"],
+        }
+    except KeyError as err:
+        raise DataError(f"{path}: no test metric {err}; rerun its finetune stage") from None
+
+
+def _verdict(diff: float, std_a: float, std_b: float, n_a: int, n_b: int) -> str:
+    """'yes' / 'no' when the difference of means exceeds twice its standard error, else
+    'within noise' (and 'one seed' when no spread can be estimated)."""
+    if min(n_a, n_b) < 2:
+        return "one seed"
+    error = np.sqrt(std_a**2 / n_a + std_b**2 / n_b)
+    if diff > 2 * error:
+        return "yes"
+    if diff < -2 * error:
+        return "no"
+    return "within noise"
+
+
+def _compare(table: pd.DataFrame, reference: str, label: str = "row") -> pd.DataFrame:
+    """Add each row's acc@1 difference to the `reference` row and whether it beats it."""
+    ref = table.loc[table[label] == reference].iloc[0]
+    table[f"vs_{reference}"] = (table["acc@1_mean"] - ref["acc@1_mean"]).round(2)
+    table[f"beats_{reference}"] = [
+        "" if row[label] == reference
+        else _verdict(row["acc@1_mean"] - ref["acc@1_mean"], row["acc@1_std"], ref["acc@1_std"],
+                      row["seeds"], ref["seeds"])
+        for _, row in table.iterrows()
+    ]  # fmt: skip
+    return table
+
+
+def teacher_table(teachers: Sequence[str], teacher_dirs: dict, caches: dict) -> pd.DataFrame:
+    """results/tables/teachers.csv: source, training-set size, own accuracy, features, sha256."""
+    rows = []
+    for name in teachers:
+        metrics = _json(teacher_dirs[name] / "metrics.json", "the teacher's metrics")
+        cache = _json(caches[name] / "cache.json", "the feature cache summary")
+        score = metrics.get("top1", metrics.get("miou"))
+        rows.append(
+            {
+                "teacher": name,
+                "source": metrics["source"],
+                "kind": metrics["kind"],
+                "DataSize": metrics["train_size"],
+                "metric": "top1" if "top1" in metrics else "mIoU",
+                "score": None if score is None else round(float(score), 2),
+                "feature_dim": cache["feature_dim"],
+                "cache_bytes_per_1000_frames": round(1000 * cache["bytes"] / cache["frames"]),
+                "checkpoint_sha256": cache["checkpoint_sha256"],
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _teacher_sizes(teacher_dirs: dict) -> dict[str, int]:
+    return {
+        name: int(_json(path / "metrics.json", "the teacher's metrics")["train_size"])
+        for name, path in teacher_dirs.items()
+    }
+
+
+def dtg_table(
+    name: str, rows: Sequence[tuple[str, object]], run_dirs: dict, teacher_dirs: dict
+) -> pd.DataFrame:
+    """One of DTG-Net's tables from its (row label, FinetuneRun) pairs (pipeline.dag.dtg_tables)."""
+    sizes = _teacher_sizes(teacher_dirs) if name == "table3" else {}
+    records = []
+    for label, run in rows:
+        record = {"row": label, **finetune_metrics(run_dirs[run.name])}
+        pre = run.pretrained
+        if name == "table3":
+            teachers = pre.teachers if pre else ()
+            record |= {
+                "teachers": "+".join(teachers) or "none",
+                "weighting": pre.weighting if pre else "",
+                "DataSize": sum(sizes[t] for t in teachers),
+            }
+            if pre:
+                weights = _json(run_dirs[pre.name] / "metrics.json", "the pretraining metrics")
+                record |= {f"w_{t}": weights["weights"][t] for t in teachers}
+        if name == "table2":
+            record |= {
+                "teacher_input": pre.guidance,
+                "student": pre.student,
+                "student_input": pre.anchor,
+                "overlap": pre.overlap,
+            }
+        records.append(record)
+    frame = pd.DataFrame(records)
+    keys = [
+        c for c in frame.columns if c not in ("acc@1", "acc@5", "mAP") and not c.startswith("w_")
+    ]
+    metrics = ["acc@1", "acc@5"] + (["mAP"] if name in ("table4", "table1") else [])
+    table = _summarise(frame, keys, metrics)
+    if name == "table3":
+        weights = frame.groupby("row", sort=False)[[c for c in frame if c.startswith("w_")]].mean()
+        table["weights"] = [
+            ", ".join(f"{c[2:]} {v:.3g}" for c, v in weights.loc[r].items() if not np.isnan(v))
+            for r in table["row"]
+        ]
+        table = _compare(table, "Scratch")
+        paper = [DTG_PAPER_TABLE3.get(r, (None, None)) for r in table["row"]]
+    elif name == "table2":
+        table = _compare(table, table["row"].iloc[-1])
+        paper = [
+            DTG_PAPER_TABLE2.get(tuple(r), (None, None))
+            for r in table[["teacher_input", "student", "student_input", "overlap"]].itertuples(
+                index=False
+            )
+        ]
+    elif name == "table4":
+        table = _compare(table, "Supervised")
+        paper = [(None, None)] * len(table)
+    else:
+        table = _compare(table, "Random init")
+        paper = [(None, None)] * len(table)
+    if any(p[0] is not None for p in paper):
+        table["paper_acc@1"] = [p[0] for p in paper]
+        table["paper_acc@5"] = [p[1] for p in paper]
+    return table
+
+
+def _bar_figure(table: pd.DataFrame, title: str, path: Path, reference: str | None) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(max(6, 0.8 * len(table) + 2), 4.5))
+    ax = fig.add_subplot()
+    x = np.arange(len(table))
+    ax.bar(x, table["acc@1_mean"], 0.6, yerr=table["acc@1_std"], capsize=4, color="tab:blue")
+    if reference is not None:
+        value = table.loc[table["row"] == reference, "acc@1_mean"].iloc[0]
+        ax.axhline(value, color="tab:red", linestyle="--", label=f"{reference}: {value:.1f}%")
+        ax.legend(loc="lower right")
+    ax.set_xticks(x, table["row"], rotation=30, ha="right")
+    ax.set_ylabel("test acc@1 (%), video level")
+    ax.set_title(f"{title} (mean ± std over {table['seeds'].max()} seeds)")
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
+DTG_TITLES = {
+    "table3": ("DTG-Net table 3: teachers and weightings", "Scratch"),
+    "table2": ("DTG-Net table 2: inputs (ImageNet teacher)", None),
+    "table4": ("DTG-Net table 4: supervised DTG", "Supervised"),
+    "table1": ("DTG-Net table 1: initialisations", "Random init"),
+}
+
+
+def write_table(table: pd.DataFrame, csv_path: Path) -> pd.DataFrame:
+    with atomic_path(csv_path, suffix=".csv") as tmp:
+        table.to_csv(tmp, index=False)
+    with pd.option_context("display.width", 200, "display.max_columns", 30):
+        print(table.to_string(index=False))
+    return table
+
+
+def write_dtg_table(
+    name: str, rows, run_dirs: dict, teacher_dirs: dict, csv_path: Path, png_path: Path
+) -> pd.DataFrame:
+    table = dtg_table(name, rows, run_dirs, teacher_dirs)
+    title, reference = DTG_TITLES[name]
+    _bar_figure(table, title, png_path, reference)
+    return write_table(table, csv_path)

@@ -7,7 +7,7 @@ import tomllib
 import yaml
 
 from pipeline.config import load_params
-from pipeline.dag import build_stages, dvc_yaml
+from pipeline.dag import build_stages, dtg_tables, dvc_yaml
 from tests.conftest import BIN, ROOT, copy_project, run_cli
 
 
@@ -36,7 +36,7 @@ def test_snakemake_runs_the_registry_commands():
         text=True,
         check=True,
     ).stdout
-    rules = set(re.findall(r"^(?:local)?rule ([\w.]+):", dry, flags=re.M)) - {"all"}
+    rules = set(re.findall(r"^(?:local)?rule ([\w.+-]+):", dry, flags=re.M)) - {"all"}
     assert rules == {stage.name for stage in stages}
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for stage in stages:
@@ -63,3 +63,57 @@ def test_conda_env_pins_match_pyproject():
     env = yaml.safe_load((ROOT / "envs/pipeline.yaml").read_text())
     pip = next(dep["pip"] for dep in env["dependencies"] if isinstance(dep, dict))
     assert sorted(pip) == sorted(project)
+
+
+def _stages() -> dict:
+    return {stage.name: stage for stage in build_stages(load_params(ROOT / "params.yaml"))}
+
+
+def test_table3_rows_hang_off_teachers_features_and_the_single_teacher_rows():
+    params = load_params(ROOT / "params.yaml")
+    stages = _stages()
+    rows = dtg_tables(params)["table3"]
+    seeds = params.tables.table3.seeds
+    assert len(rows) == 11 * len(seeds)  # Scratch + DTG-Net's ten rows
+    table = stages["table3"]
+    assert len(table.deps) == len(rows)
+    for label, run in rows:
+        finetune = stages[f"finetune_synth_{run.name}"]
+        assert f"results/runs/synth/{run.name}/metrics.json" in table.deps
+        if label == "Scratch":
+            assert run.pretrained is None
+            continue
+        pretrain = stages[f"pretrain_synth_{run.pretrained.name}"]
+        assert f"results/runs/synth/{run.pretrained.name}/model.pt" in finetune.deps
+        for teacher in run.pretrained.teachers:
+            assert f"data/features/synth/{teacher}/" in pretrain.deps
+            assert stages[f"features_synth_{teacher}"].deps[1] == (
+                f"results/teachers/{teacher}/model.pt"
+            )
+        if label == "All offline":
+            singles = [d for d in pretrain.deps if d.endswith("metrics.json")]
+            assert len(singles) == 4
+            assert all(
+                "_single_" in d and d.endswith(f"_s{run.seed}/metrics.json") for d in singles
+            )
+            assert "dtg.offline_from" in pretrain.params
+        if label.startswith("All online"):
+            assert any(out.endswith("_weights.png") for out in pretrain.outs)
+
+
+def test_every_dtg_table_run_is_a_stage_and_names_are_unique():
+    params = load_params(ROOT / "params.yaml")
+    stages = _stages()
+    for table, rows in dtg_tables(params).items():
+        assert table in stages and stages[table].target
+        for _, run in rows:
+            assert f"finetune_synth_{run.name}" in stages
+    for label, run in dtg_tables(params)["table4"]:
+        stage = stages[f"finetune_synth_{run.name}"]
+        guided = label == "Supervised DTG"
+        assert ("dtg.alpha" in stage.params) == guided
+        assert any(d.startswith("data/features/") for d in stage.deps) == guided
+    for label, run in dtg_tables(params)["table1"]:
+        if label == "BU-teacher init":
+            deps = stages[f"finetune_synth_{run.name}"].deps
+            assert "results/teachers/bu101/model.pt" in deps

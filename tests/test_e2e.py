@@ -37,9 +37,20 @@ TINY = {
     "ingest": {"num_shards": 2},
     "train": {"epochs": 2, "batch_size": 8},
     "clips": {"test_clips": 2},
+    "teachers": {
+        name: {"source": "synthetic", "epochs": 1, "batch_size": 8}
+        for name in ("imagenet", "places", "bu101", "stanford40", "schp")
+    },
+    "dtg": {
+        "queue_size": 16,  # fewer than the tiny world's 48 pretraining videos
+        "labeled_percent": 50,
+        "pretrain": {"epochs": 2, "batch_size": 8},
+        "finetune": {"epochs": 2, "batch_size": 4},
+    },
     "tables": {
         "selfkd_table3": {"seeds": [0]},
         "selfkd_table8": {"taus": [5.0, 10.0], "lambdas": [0.2], "seeds": [0]},
+        "table3": {"seeds": [0]},
     },
 }
 
@@ -85,7 +96,7 @@ def data_project(tmp_path_factory) -> Path:
 
 def snakemake_plan(project: Path, target: str) -> set[str]:
     out = sh("snakemake", "-n", "--cores", "2", target, cwd=project)
-    return set(re.findall(r"^(?:local)?rule ([\w.]+):", out, flags=re.M))
+    return set(re.findall(r"^(?:local)?rule ([\w.+-]+):", out, flags=re.M))
 
 
 def dvc_plan(project: Path, target: str, dry: bool = True) -> set[str]:
@@ -191,3 +202,44 @@ def test_train_stage_killed_mid_run_resumes_to_the_same_metrics(data_project, tm
     assert (run_dir / "metrics.json").read_text() == straight.read_text()
     summary = sh(sys.executable, "-m", "pipeline", "inspect", run_dir, cwd=runs["killed"])
     assert "test video" in summary and "last.pt after epoch 5" in summary
+
+
+def check_dtg_table3(path: Path) -> pd.DataFrame:
+    table = pd.read_csv(path)
+    assert list(table["row"]) == [
+        "Scratch", "ImageNet", "Places", "BU", "Stanford", "ImageNet+Places", "BU+Stanford",
+        "All", "All offline", "All online1", "All online2",
+    ]  # fmt: skip
+    for column in ("acc@1_mean", "acc@1_std", "acc@5_mean", "acc@5_std"):
+        assert table[column].between(0, 100).all(), table[column]
+    assert (table["acc@5_mean"] >= table["acc@1_mean"]).all()
+    assert (table["DataSize"] > 0).sum() == 10 and table.loc[0, "DataSize"] == 0
+    offline = table.set_index("row").loc["All offline", "weights"]
+    weights = [float(part.split()[1]) for part in offline.split(", ")]
+    assert len(weights) == 4 and math.isclose(sum(weights), 1.0, abs_tol=0.01)
+    assert set(table["beats_Scratch"].dropna()) <= {"yes", "no", "within noise", "one seed"}
+    return table
+
+
+def test_dtg_table3_through_snakemake_then_dvc_agree(data_project, tmp_path):
+    """The main job on the tiny world: teachers, features, 10 pretrainings, 11 fine-tunes."""
+    project = tmp_path / "project"
+    shutil.copytree(data_project, project, symlinks=True)
+    target = "results/tables/table3.csv"
+    sh("snakemake", "--cores", "2", target, cwd=project)
+    by_snakemake = check_dtg_table3(project / target)
+    assert (project / "results/figures/table3.png").stat().st_size > 1000
+    assert list(project.glob("results/figures/dtg_all_online1_*_weights.png"))
+    started = time.monotonic()
+    assert snakemake_plan(project, target) == set()
+    assert time.monotonic() - started < 10
+
+    for folder in ("results/runs", "results/teachers", "data/features"):
+        shutil.rmtree(project / folder)
+    (project / target).unlink()
+    out = sh("dvc", "repro", "table3", cwd=project)
+    assert "Running stage 'table3'" in out
+    pd.testing.assert_frame_equal(by_snakemake, check_dtg_table3(project / target))
+    started = time.monotonic()
+    assert "up to date" in sh("dvc", "repro", "table3", cwd=project)
+    assert time.monotonic() - started < 10

@@ -1,0 +1,143 @@
+"""DTG-Net's figures: online teacher weights over training (its Figure 3) and t-SNE of the
+student's features with and without supervised DTG (its Figure 4).
+
+Figures are drawn on matplotlib's Figure (Agg, no pyplot state) and written atomically.
+"""
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipeline.data.clips import prepare_video
+from pipeline.io import atomic_path
+
+
+def _figure(width: float, height: float):
+    # Imported here: matplotlib costs a second at import, and training processes never plot.
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def _save(fig, out_png: str | os.PathLike) -> None:
+    with atomic_path(out_png, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+
+
+def online_weights_figure(
+    weights: str | os.PathLike | np.ndarray,
+    teacher_names: Sequence[str],
+    out_png: str | os.PathLike,
+    *,
+    smooth: int | None = None,
+    title: str = "",
+) -> None:
+    """Each teacher's mean loss weight per training step, one line per teacher (Figure 3).
+
+    weights: a CSV with columns w_<teacher> (pipeline.pretrain's online_weights.csv) or a
+    (steps, N) array in `teacher_names` order. smooth: moving-average window in steps (None:
+    about 2% of the steps); the raw values are drawn faintly behind.
+    """
+    if isinstance(weights, np.ndarray):
+        if weights.ndim != 2 or weights.shape[1] != len(teacher_names):
+            raise ValueError(f"weights {weights.shape} do not match teachers {list(teacher_names)}")
+        table = pd.DataFrame(weights, columns=[f"w_{name}" for name in teacher_names])
+    else:
+        table = pd.read_csv(weights)
+    missing = [name for name in teacher_names if f"w_{name}" not in table.columns]
+    if missing:
+        raise ValueError(f"no weights for teachers {missing} (columns: {list(table.columns)})")
+    if table.empty:
+        raise ValueError("no training steps to plot")
+    window = smooth or max(1, len(table) // 50)
+    fig = _figure(7, 4)
+    ax = fig.add_subplot()
+    steps = np.arange(len(table))
+    for k, name in enumerate(teacher_names):
+        color = f"C{k}"
+        raw = table[f"w_{name}"]
+        ax.plot(steps, raw, color=color, alpha=0.2, linewidth=0.8)
+        ax.plot(steps, raw.rolling(window, min_periods=1).mean(), color=color, label=name)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss weight (batch mean)")
+    ax.set_title(title or "Teacher weights over training")
+    ax.legend(loc="best")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save(fig, out_png)
+
+
+def tsne_figure(
+    features_by_variant: Mapping[str, np.ndarray],
+    labels: np.ndarray,
+    class_names: Sequence[str],
+    out_png: str | os.PathLike,
+    *,
+    seed: int = 0,
+    perplexity: float = 30.0,
+    title: str = "",
+) -> None:
+    """t-SNE of each variant's (N, D) features side by side, points coloured by label (Figure 4).
+
+    Every variant holds features of the same N clips in the same order as `labels`.
+    """
+    # Imported here: only this figure needs scikit-learn (and matplotlib, see _figure).
+    from matplotlib import colormaps
+    from sklearn.manifold import TSNE
+
+    labels = np.asarray(labels)
+    for variant, features in features_by_variant.items():
+        if len(features) != len(labels):
+            raise ValueError(f"{variant}: {len(features)} feature rows for {len(labels)} labels")
+    if len(labels) < 5:
+        raise ValueError(f"t-SNE needs at least 5 points, got {len(labels)}")
+    # scikit-learn requires perplexity < N
+    perplexity = min(perplexity, (len(labels) - 1) / 3)
+    present = np.unique(labels)
+    colors = colormaps["tab10" if len(present) <= 10 else "tab20"]
+    fig = _figure(5 * len(features_by_variant) + 2, 5)
+    axes = fig.subplots(1, len(features_by_variant), squeeze=False)[0]
+    for ax, (variant, features) in zip(axes, features_by_variant.items(), strict=True):
+        embedded = TSNE(
+            n_components=2, perplexity=perplexity, init="pca", random_state=seed
+        ).fit_transform(np.asarray(features, dtype=np.float32))
+        for k, label in enumerate(present):
+            points = embedded[labels == label]
+            name = class_names[int(label)]
+            ax.scatter(points[:, 0], points[:, 1], s=8, color=colors(k % colors.N), label=name)
+        ax.set_title(variant)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="center right", fontsize=8, markerscale=2)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0, 1 - 2 / (5 * len(features_by_variant) + 2), 1))
+    _save(fig, out_png)
+
+
+@torch.no_grad()
+def extract_features(
+    model: torch.nn.Module, loader, *, device: str | torch.device = "cpu"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pooled features (`model.features`) and labels of every clip of `loader`.
+
+    Multi-view items (B, V, C, T, H, W) give each video the mean of its views' features.
+    Returns ((N, feature_dim) float32, (N,) int64); the model is left in eval mode.
+    """
+    model.eval().to(device)
+    features, labels = [], []
+    with torch.inference_mode():
+        for batch in loader:
+            video = prepare_video(batch["video"].to(device))
+            if video.dim() == 6:
+                batch_size, views = video.shape[:2]
+                pooled = model.features(video.flatten(0, 1)).view(batch_size, views, -1).mean(1)
+            else:
+                pooled = model.features(video)
+            features.append(pooled.float().cpu())
+            labels.append(torch.as_tensor(batch["label"]))
+    return torch.cat(features).numpy(), torch.cat(labels).numpy().astype(np.int64)
