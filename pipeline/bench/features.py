@@ -16,9 +16,7 @@ Goal: the cache makes a training epoch at least GOAL_SPEEDUP times faster. The t
 each cache's size per 1,000 frames (cache.json "bytes" / "frames").
 """
 
-import itertools
 import json
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import closing
 from pathlib import Path
@@ -27,7 +25,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.data.clips import prepare_video, select_rows
+from pipeline.bench import WARMUP_STEPS, epochs_of_batches, sgd_clips_per_second
+from pipeline.data.clips import select_rows
 from pipeline.data.guided import GuidedClipDataset
 from pipeline.errors import DataError
 from pipeline.methods.dtg import DTG
@@ -35,10 +34,9 @@ from pipeline.models import build_video_model
 from pipeline.teachers import load_teacher
 from pipeline.teachers.base import FrozenTeacher
 from pipeline.teachers.features import FeatureCache
-from pipeline.train import make_loader, seed_everything, start_epoch
+from pipeline.train import make_loader, seed_everything
 
 GOAL_SPEEDUP = 3.0
-WARMUP_STEPS = 2  # allocator and oneDNN caches; the loader's first worker start
 
 
 class DecodedGuidanceDataset(GuidedClipDataset):
@@ -61,13 +59,6 @@ def embed_online(
     }
 
 
-def epochs_of_batches(loader, seed: int) -> Iterator[dict]:
-    """The loader's batches epoch after epoch, each epoch seeded as fit seeds it."""
-    for epoch in itertools.count():
-        start_epoch(loader, seed, epoch)
-        yield from loader
-
-
 def dtg_clips_per_second(
     batches: Iterator[dict],
     *,
@@ -82,28 +73,12 @@ def dtg_clips_per_second(
     time includes waiting for each batch and, with `teachers`, embedding its guidance frames."""
     seed_everything(seed)
     method = DTG(build_video_model(num_classes=0, **model), teachers=feature_dims, **dtg)
-    method.train()
     device = torch.device("cpu")
-    optimizer = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9)
 
-    def step(batch: dict) -> int:
-        # The trainer's per-batch preparation (uint8 -> normalised float) is part of a step.
-        batch = {**batch, "video": prepare_video(batch["video"])}
-        if teachers is not None:
-            batch["guidance"] = embed_online(batch["guidance"], teachers, device)
-        loss = method(batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return len(batch["video"])
+    def embed(batch: dict) -> dict:
+        return {**batch, "guidance": embed_online(batch["guidance"], teachers, device)}
 
-    for _ in range(WARMUP_STEPS):
-        step(next(batches))
-    clips = 0
-    started = time.perf_counter()
-    for _ in range(steps):
-        clips += step(next(batches))
-    return clips / (time.perf_counter() - started)
+    return sgd_clips_per_second(method, batches, steps, embed if teachers is not None else None)
 
 
 def bench_features(

@@ -13,7 +13,6 @@ the table says how many batches an epoch has).
 """
 
 import itertools
-import time
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -21,23 +20,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from pipeline.data.clips import prepare_video
+from pipeline.bench import WARMUP_STEPS, epochs_of_batches, sgd_clips_per_second
 from pipeline.errors import DataError
 from pipeline.finetune import split_rows, train_clip_dataset
 from pipeline.methods.supervised import Supervised
 from pipeline.models import build_video_model
-from pipeline.train import make_loader, seed_everything, start_epoch
+from pipeline.train import make_loader, seed_everything
 
 GOAL_MAX_LOADER_COST = 10.0  # percent of the in-memory throughput
-WARMUP_STEPS = 2  # allocator and oneDNN caches; the loader's first worker start
 IN_MEMORY_BATCHES = 4  # distinct batches cycled on side (b)
-
-
-def epochs_of_batches(loader, seed: int) -> Iterator[dict]:
-    """The loader's batches epoch after epoch, each epoch seeded as fit seeds it."""
-    for epoch in itertools.count():
-        start_epoch(loader, seed, epoch)
-        yield from loader
 
 
 def training_clips_per_second(
@@ -47,24 +38,7 @@ def training_clips_per_second(
     ones; the time includes waiting for each batch."""
     seed_everything(seed)
     method = Supervised(build_video_model(num_classes=num_classes, **model))
-    method.train()
-    optimizer = torch.optim.SGD(method.parameters(), lr=0.01, momentum=0.9)
-
-    def step(batch: dict) -> int:
-        # The trainer's own per-batch preparation (uint8 -> normalised float) is part of a step.
-        loss = method({**batch, "video": prepare_video(batch["video"])}).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return len(batch["video"])
-
-    for _ in range(WARMUP_STEPS):
-        step(next(batches))
-    clips = 0
-    started = time.perf_counter()
-    for _ in range(steps):
-        clips += step(next(batches))
-    return clips / (time.perf_counter() - started)
+    return sgd_clips_per_second(method, batches, steps)
 
 
 def bench_train(
