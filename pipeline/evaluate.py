@@ -209,3 +209,18 @@ def confusion_figure(
     fig.tight_layout()
     with atomic_path(out_png, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=120)
+
+
+def linear_probe(
+    train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], seed: int = 0
+) -> dict:
+    """Top-1 (percent) of a logistic regression on frozen features: fit on `train`
+    (features, labels), scored on `test`. Measures what a representation holds before any
+    fine-tuning (the usual companion of self-supervised evaluation)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
+    probe.fit(*train)
+    return {"top1": 100.0 * float(probe.score(*test)), "train_size": len(train[1])}

@@ -20,7 +20,8 @@ from pipeline.data.guided import GuidedClipDataset
 from pipeline.data.samplers import DenseSampler, UniformClipsSampler
 from pipeline.data.splits import carve_validation
 from pipeline.errors import DataError
-from pipeline.evaluate import confusion_figure, evaluate
+from pipeline.evaluate import confusion_figure, evaluate, linear_probe
+from pipeline.figures import extract_features
 from pipeline.io import file_sha256, write_json_atomic
 from pipeline.methods.dtg import DTG
 from pipeline.methods.selfkd import TeachingYourself
@@ -167,8 +168,6 @@ def test_features(
     shard_dir: Path, model_path: Path, *, model: dict, clips: ClipSpec, split: int, threads: int
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """A trained run's pooled test-split features (views averaged), labels and class names."""
-    from pipeline.figures import extract_features
-
     torch.set_num_threads(threads)
     manifest = pd.read_parquet(shard_dir / "manifest.parquet")
     rows = np.flatnonzero((manifest[f"split{split}"] == "test").to_numpy())
@@ -282,6 +281,17 @@ def train_run(
             queue_seed=run.seed,
             **{k: guided[k] for k in ("alpha", "beta", "tau", "queue_size", "proj_hidden")},
         )
+    # The initial network's frozen features under a linear probe: what pretraining put in them.
+    probe_clips = ClipSpec(**{**asdict(clips), "three_crop": False})
+    probe = linear_probe(
+        *(
+            extract_features(network, make_loader(
+                test_clip_dataset(shard_dir, rows[part], probe_clips),
+                shuffle=False, distributed=False, **loader_args))
+            for part in ("train", "test")
+        ),
+        seed=run.seed,
+    )  # fmt: skip
     history = fit(
         method,
         train_loader,
@@ -297,7 +307,8 @@ def train_run(
         test.pop("video_confusion"), names, run_dir / "confusion.png", title=run_dir.name
     )
     test.pop("clip_confusion")
-    metrics = {**history, "test": test, "class_names": names, "splits": _sizes(rows)}
+    metrics = {**history, "test": test, "init_probe": probe, "class_names": names}
+    metrics["splits"] = _sizes(rows)
     write_json_atomic(run_dir / "metrics.json", metrics)
     return metrics
 

@@ -159,7 +159,8 @@ def _json(path: Path, what: str) -> dict:
 
 
 def finetune_metrics(run_dir: Path) -> dict:
-    """A fine-tuning run's test acc@1, acc@5 and mAP (video level, percent)."""
+    """A fine-tuning run's test acc@1, acc@5 and mAP (video level, percent), and the linear probe
+    top-1 of its initial network's frozen features (probe@1)."""
     path = run_dir / "metrics.json"
     metrics = _json(path, "the run's metrics")
     try:
@@ -168,6 +169,7 @@ def finetune_metrics(run_dir: Path) -> dict:
             "acc@1": 100 * test["video_top1"],
             "acc@5": 100 * test["video_top5"],
             "mAP": 100 * test["video_map"],
+            "probe@1": metrics["init_probe"]["top1"],
         }
     except KeyError as err:
         raise DataError(f"{path}: no test metric {err}; rerun its finetune stage") from None
@@ -257,10 +259,11 @@ def dtg_table(
             }
         records.append(record)
     frame = pd.DataFrame(records)
-    keys = [
-        c for c in frame.columns if c not in ("acc@1", "acc@5", "mAP") and not c.startswith("w_")
-    ]
+    measured = ("acc@1", "acc@5", "mAP", "probe@1")
+    keys = [c for c in frame.columns if c not in measured and not c.startswith("w_")]
     metrics = ["acc@1", "acc@5"] + (["mAP"] if name in ("table4", "table1") else [])
+    if name != "table4":  # both of table 4's rows start from random weights
+        metrics.append("probe@1")
     table = _summarise(frame, keys, metrics)
     if name == "table3":
         weights = frame.groupby("row", sort=False)[[c for c in frame if c.startswith("w_")]].mean()
@@ -296,13 +299,20 @@ def _bar_figure(table: pd.DataFrame, title: str, path: Path, reference: str | No
     fig = Figure(figsize=(max(6, 0.8 * len(table) + 2), 4.5))
     ax = fig.add_subplot()
     x = np.arange(len(table))
-    ax.bar(x, table["acc@1_mean"], 0.6, yerr=table["acc@1_std"], capsize=4, color="tab:blue")
+    bars = [("acc@1", "fine-tuned acc@1", "tab:blue")]
+    if "probe@1_mean" in table:
+        bars.append(("probe@1", "linear probe of the initial features", "tab:gray"))
+    width = 0.8 / len(bars)
+    for i, (metric, label, color) in enumerate(bars):
+        offset = (i - (len(bars) - 1) / 2) * width
+        ax.bar(x + offset, table[f"{metric}_mean"], width, yerr=table[f"{metric}_std"],
+               capsize=3, color=color, label=label)  # fmt: skip
     if reference is not None:
         value = table.loc[table["row"] == reference, "acc@1_mean"].iloc[0]
         ax.axhline(value, color="tab:red", linestyle="--", label=f"{reference}: {value:.1f}%")
-        ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize="small")
     ax.set_xticks(x, table["row"], rotation=30, ha="right")
-    ax.set_ylabel("test acc@1 (%), video level")
+    ax.set_ylabel("test top-1 (%), video level")
     ax.set_title(f"{title} (mean ± std over {table['seeds'].max()} seeds)")
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:

@@ -210,7 +210,7 @@ def check_dtg_table3(path: Path) -> pd.DataFrame:
         "Scratch", "ImageNet", "Places", "BU", "Stanford", "ImageNet+Places", "BU+Stanford",
         "All", "All offline", "All online1", "All online2",
     ]  # fmt: skip
-    for column in ("acc@1_mean", "acc@1_std", "acc@5_mean", "acc@5_std"):
+    for column in ("acc@1_mean", "acc@1_std", "acc@5_mean", "acc@5_std", "probe@1_mean"):
         assert table[column].between(0, 100).all(), table[column]
     assert (table["acc@5_mean"] >= table["acc@1_mean"]).all()
     assert (table["DataSize"] > 0).sum() == 10 and table.loc[0, "DataSize"] == 0

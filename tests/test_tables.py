@@ -31,7 +31,8 @@ def _fake_runs(tmp_path, rows, accuracy):
         top1 = accuracy(label, run.seed)
         run_dirs[run.name] = tmp_path / run.name
         _write(run_dirs[run.name], {"test": {"video_top1": top1, "video_top5": min(1.0, top1 + 0.3),
-                                             "video_map": top1 / 2}})  # fmt: skip
+                                             "video_map": top1 / 2},
+                                    "init_probe": {"top1": 50 * top1}})  # fmt: skip
         if run.pretrained is not None:
             n = len(run.pretrained.teachers)
             run_dirs[run.pretrained.name] = tmp_path / run.pretrained.name
@@ -63,6 +64,7 @@ def test_table3_rows_sizes_weights_and_verdicts(tmp_path):
     assert table.loc["Places", "beats_Scratch"] == "no"
     assert table.loc["All", "beats_Scratch"] == "within noise"
     assert table.loc["All offline", "paper_acc@1"] == 63.28
+    assert table.loc["BU", "probe@1_mean"] == pytest.approx(20.5)
 
 
 def test_a_missing_run_is_an_error_not_a_skipped_row(tmp_path):
