@@ -189,15 +189,19 @@ def _verdict(diff: float, std_a: float, std_b: float, n_a: int, n_b: int) -> str
 
 
 def _compare(table: pd.DataFrame, reference: str, label: str = "row") -> pd.DataFrame:
-    """Add each row's acc@1 difference to the `reference` row and whether it beats it."""
+    """Add each row's acc@1 (and probe@1) difference to the `reference` row and whether it beats
+    it (_verdict)."""
     ref = table.loc[table[label] == reference].iloc[0]
-    table[f"vs_{reference}"] = (table["acc@1_mean"] - ref["acc@1_mean"]).round(2)
-    table[f"beats_{reference}"] = [
-        "" if row[label] == reference
-        else _verdict(row["acc@1_mean"] - ref["acc@1_mean"], row["acc@1_std"], ref["acc@1_std"],
-                      row["seeds"], ref["seeds"])
-        for _, row in table.iterrows()
-    ]  # fmt: skip
+    for metric, prefix in (("acc@1", ""), ("probe@1", "probe_")):
+        if f"{metric}_mean" not in table:
+            continue
+        mean, std = f"{metric}_mean", f"{metric}_std"
+        table[f"{prefix}vs_{reference}"] = (table[mean] - ref[mean]).round(2)
+        table[f"{prefix}beats_{reference}"] = [
+            "" if row[label] == reference
+            else _verdict(row[mean] - ref[mean], row[std], ref[std], row["seeds"], ref["seeds"])
+            for _, row in table.iterrows()
+        ]  # fmt: skip
     return table
 
 
