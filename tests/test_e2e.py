@@ -233,6 +233,9 @@ def test_dtg_table3_through_snakemake_then_dvc_agree(data_project, tmp_path):
     started = time.monotonic()
     assert snakemake_plan(project, target) == set()
     assert time.monotonic() - started < 10
+    sh("snakemake", "--report", "report.html", target, cwd=project)
+    report = (project / "report.html").read_text(errors="replace")
+    assert "table3.csv" in report and "table3.png" in report
 
     for folder in ("results/runs", "results/teachers", "data/features"):
         shutil.rmtree(project / folder)
