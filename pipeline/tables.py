@@ -43,7 +43,7 @@ def _summarise(frame: pd.DataFrame, keys: list[str], metrics: Sequence[str]) -> 
     out = grouped.size().rename("seeds").to_frame()
     for metric in metrics:
         out[f"{metric}_mean"] = grouped[metric].mean().round(2)
-        out[f"{metric}_std"] = grouped[metric].std(ddof=1).fillna(0.0).round(2)
+        out[f"{metric}_std"] = grouped[metric].std(ddof=1).round(2)  # empty for one seed
     return out.reset_index()
 
 
@@ -215,7 +215,8 @@ def teacher_table(teachers: Sequence[str], teacher_dirs: dict, caches: dict) -> 
         rows.append(
             {
                 "teacher": name,
-                "source": metrics["source"],
+                "source": metrics["source"]["kind"],
+                "source_path": metrics["source"]["path"],
                 "kind": metrics["kind"],
                 "DataSize": metrics["train_size"],
                 "metric": "top1" if "top1" in metrics else "mIoU",

@@ -143,9 +143,10 @@ def test_a_params_change_reruns_that_stage_and_downstream(
 def check_table3(path: Path) -> pd.DataFrame:
     table = pd.read_csv(path)
     assert list(table["method"]) == ["Baseline", "Baseline + Data Aug", "Teaching Yourself"]
-    for column in ("clip@1_mean", "video@1_mean", "clip@1_std", "video@1_std"):
+    for column in ("clip@1_mean", "video@1_mean"):
         values = table[column].to_numpy()
         assert all(math.isfinite(v) and 0 <= v <= 100 for v in values), column
+    assert table[["clip@1_std", "video@1_std"]].isna().all().all()  # one seed: no spread claimed
     return table
 
 
@@ -210,8 +211,9 @@ def check_dtg_table3(path: Path) -> pd.DataFrame:
         "Scratch", "ImageNet", "Places", "BU", "Stanford", "ImageNet+Places", "BU+Stanford",
         "All", "All offline", "All online1", "All online2",
     ]  # fmt: skip
-    for column in ("acc@1_mean", "acc@1_std", "acc@5_mean", "acc@5_std", "probe@1_mean"):
+    for column in ("acc@1_mean", "acc@5_mean", "probe@1_mean"):
         assert table[column].between(0, 100).all(), table[column]
+    assert table["acc@1_std"].isna().all()  # one seed: no spread is claimed
     assert (table["acc@5_mean"] >= table["acc@1_mean"]).all()
     assert (table["DataSize"] > 0).sum() == 10 and table.loc[0, "DataSize"] == 0
     offline = table.set_index("row").loc["All offline", "weights"]

@@ -87,13 +87,13 @@ def test_teachers_table(tmp_path):
     teacher_dirs, caches = {}, {}
     for name, score in zip(names, ({"top1": 62.6}, {"miou": 53.2}), strict=True):
         teacher_dirs[name] = tmp_path / "t" / name
-        _write(teacher_dirs[name], {"source": {"kind": "synthetic"}, "kind": "x",
+        _write(teacher_dirs[name], {"source": {"kind": "synthetic", "path": "p"}, "kind": "x",
                                     "train_size": 10, **score})  # fmt: skip
         caches[name] = tmp_path / "c" / name
         caches[name].mkdir(parents=True)
         summary = {"feature_dim": 64, "bytes": 2048, "frames": 16, "checkpoint_sha256": "ab"}
         (caches[name] / "cache.json").write_text(json.dumps(summary))
     table = teacher_table(names, teacher_dirs, caches)
-    assert list(table["metric"]) == ["top1", "mIoU"]
+    assert list(table["metric"]) == ["top1", "mIoU"] and list(table["source"]) == ["synthetic"] * 2
     assert np.allclose(table["score"], [62.6, 53.2])
     assert list(table["cache_bytes_per_1000_frames"]) == [128000, 128000]
