@@ -52,12 +52,22 @@ def data_stages(params: Params) -> list[Stage]:
     dataset = params.dataset
     raw = params.datasets[dataset].raw.rstrip("/") + "/"
     stages = []
+    synth_raw = params.datasets["synth"].raw.rstrip("/") + "/"
+    # The synthetic world's parts as separate outputs: each consumer depends on (and both tools
+    # hash) only the part it reads, which keeps the up-to-date check of the whole DAG fast.
+    synth_lists = (f"{synth_raw}videos/", f"{synth_raw}ucfTrainTestlist/")
     if dataset == "synth" or uses_synthetic_images(params):
+        images = tuple(f"{synth_raw}images/{name}/" for name in TEACHER_IMAGE_SETS.values())
         stages.append(
             Stage(
                 name="synth",
                 cmd="python -m pipeline synth",
-                outs=(raw, "results/figures/synth_samples.png"),
+                outs=(
+                    *synth_lists,
+                    *images,
+                    f"{synth_raw}world.json",
+                    "results/figures/synth_samples.png",
+                ),  # fmt: skip
                 params=("synth", "datasets.synth"),
                 code=("pipeline/data/synth.py", "pipeline/data/render.py"),
                 threads=2,
@@ -67,7 +77,7 @@ def data_stages(params: Params) -> list[Stage]:
         Stage(
             name=f"ingest_{dataset}",
             cmd=f"python -m pipeline ingest --dataset {dataset}",
-            deps=(raw,),
+            deps=synth_lists if raw == synth_raw else (raw,),
             outs=(_shards(dataset),),
             params=("ingest", f"datasets.{dataset}"),
             code=("pipeline/data/ingest.py", "pipeline/data/splits.py"),
@@ -238,10 +248,7 @@ def uses_synthetic_images(params: Params) -> bool:
 
 def teacher_stage(params: Params, name: str) -> Stage:
     source = lookup(params, f"teachers.{name}.source")
-    images = teacher_images(params, name)
-    # Synthetic images are files inside the synth stage's output folder: depend on the folder.
-    synth_raw = params.datasets["synth"].raw.rstrip("/") + "/"
-    deps = [synth_raw if images.startswith(synth_raw) else images]
+    deps = [teacher_images(params, name)]  # the synth stage's output, or a real image set
     declared = [f"teachers.{name}"]
     code = [*TEACHER_CODE, "pipeline/teachers/images.py"]
     if source in ("synthetic", "finetune"):
