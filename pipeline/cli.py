@@ -136,7 +136,7 @@ def cmd_table(args) -> None:
 
 
 def cmd_teacher(args) -> None:
-    params = _declared(f"teacher_{args.name}")
+    _, all_params, params = _stage(f"teacher_{args.name}")
     from pipeline.dag import teacher_dir, teacher_images
     from pipeline.teachers.make import make_teacher
 
@@ -144,7 +144,7 @@ def cmd_teacher(args) -> None:
         args.name,
         params.teachers[args.name].model_dump(),
         synthetic=params.teachers.synthetic.model_dump(),
-        images=Path(teacher_images(load_params(), args.name)),
+        images=Path(teacher_images(all_params, args.name)),
         out_dir=Path(teacher_dir(args.name)),
         init=Path(teacher_dir("imagenet")) / "model.pt",
         threads=args.threads,

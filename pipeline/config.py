@@ -141,9 +141,6 @@ class SelfKDParams(Section):
     tau_squared: bool = False  # Hinton's tau^2 factor; the authors' code has none
 
 
-TEACHER_NAMES = ("imagenet", "places", "bu101", "stanford40", "schp")
-
-
 class TeacherParams(Section):
     """One frozen image teacher: where its weights come from (README, "Teachers")."""
 

@@ -29,7 +29,7 @@ from pipeline.methods.supervised import Supervised
 from pipeline.models import build_video_model
 from pipeline.models.inflate import inflate_resnet2d_into_r3d
 from pipeline.models.video import VideoResNet
-from pipeline.pretrain import cache_keys, open_caches
+from pipeline.teachers.features import cache_keys, open_caches
 from pipeline.train import TrainSpec, fit, load_checkpoint, make_loader, seed_everything
 
 METHODS = ("supervised", "selfkd")
@@ -65,29 +65,26 @@ def load_teacher_init(network: torch.nn.Module, path: Path) -> None:
     classifier stays freshly initialised; any other mismatch is a DataError."""
     from pipeline.teachers import read_teacher_checkpoint
 
-    state = {
-        k: v
-        for k, v in read_teacher_checkpoint(path)["state_dict"].items()
-        if not k.startswith("fc.")
-    }
+    state = read_teacher_checkpoint(path)["state_dict"]
+    if not isinstance(network, VideoResNet):
+        load_backbone(network, state, path)
+        return
     try:
-        if isinstance(network, VideoResNet):
-            inflate_resnet2d_into_r3d(state, network)
-            return
-        result = network.load_state_dict(state, strict=False)
-    except (ValueError, RuntimeError) as err:
-        raise DataError(f"{path}: teacher weights do not fit the student: {err}") from None
-    missing = [k for k in result.missing_keys if not k.startswith("fc.")]
-    if missing or result.unexpected_keys:
-        raise DataError(
-            f"{path}: teacher weights do not fit the student: missing {missing[:5]}, "
-            f"unexpected {result.unexpected_keys[:5]}"
+        inflate_resnet2d_into_r3d(
+            {k: v for k, v in state.items() if not k.startswith("fc.")}, network
         )
+    except ValueError as err:
+        raise DataError(f"{path}: teacher weights do not fit the student: {err}") from None
 
 
 def load_init(network: torch.nn.Module, path: Path) -> None:
     """Start `network` from a model.pt; a classifier of another shape stays freshly initialised."""
-    state = load_checkpoint(path)["model"]
+    load_backbone(network, load_checkpoint(path)["model"], path)
+
+
+def load_backbone(network: torch.nn.Module, state: dict, path: Path) -> None:
+    """Load every weight of `state` but a classifier (fc.*) of another shape; DataError naming
+    `path` for anything else that does not fit."""
     own = network.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if any(not k.startswith("fc.") for k in mismatched):

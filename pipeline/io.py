@@ -48,3 +48,15 @@ def file_sha256(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def remove_leftovers(folder: Path, prefix: str, count: int) -> None:
+    """Clear what an earlier run of a stage writing `<prefix>NNNNN.h5` files into `folder` left:
+    atomic_path temp files of a killed run, and numbered files beyond `count` (an earlier
+    setting had more)."""
+    for tmp in folder.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    for numbered in folder.glob(f"{prefix}*.h5"):
+        number = numbered.stem.removeprefix(prefix)
+        if not number.isdigit() or int(number) >= count:
+            numbered.unlink()

@@ -29,33 +29,10 @@ from pipeline.figures import online_weights_figure
 from pipeline.io import atomic_path, write_json_atomic
 from pipeline.methods.dtg import DTG, offline_weights
 from pipeline.models import build_video_model
-from pipeline.teachers.features import FeatureCache
+from pipeline.teachers.features import cache_keys, open_caches
 from pipeline.train import TIMING_FIELDS, TrainSpec, fit, make_loader, seed_everything
 
 ONLINE = ("online1", "online2")
-
-
-def open_caches(
-    caches: Mapping[str, str | os.PathLike], shard_dir: Path, teachers: Sequence[str]
-) -> dict[str, FeatureCache]:
-    """The feature cache of each teacher, in `teachers` order."""
-    missing = [name for name in teachers if name not in caches]
-    if missing:
-        raise ValueError(f"no feature cache given for teachers {missing}")
-    return {name: FeatureCache(caches[name], shard_dir) for name in teachers}
-
-
-def cache_keys(caches: Mapping[str, str | os.PathLike], teachers: Sequence[str]) -> dict:
-    """Each teacher's cache key (cache.json "key"): part of the run key, so a rebuilt cache
-    (another checkpoint, preprocessing or shards) starts the run afresh instead of resuming."""
-    keys = {}
-    for name in teachers:
-        path = Path(caches[name]) / "cache.json"
-        try:
-            keys[name] = json.loads(path.read_text())["key"]
-        except (OSError, json.JSONDecodeError, KeyError) as err:
-            raise DataError(f"{path}: cannot read the cache key ({err})") from err
-    return keys
 
 
 def teacher_weights(

@@ -161,8 +161,11 @@ def run_key(params: dict, spec: TrainSpec) -> str:
 
 
 def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    """torch.save, atomically. Through a file object: given a path, torch.save names the archive's
+    records after the (random) temp file, and the same weights would differ byte for byte,
+    changing the sha256 that keys downstream caches."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        torch.save(obj, file)
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -406,3 +406,14 @@ def test_ddp_two_processes_on_gloo(tmp_path):
 
 if __name__ == "__main__":
     _ddp_main(Path(sys.argv[1]))
+
+
+def test_saved_checkpoints_are_byte_identical_for_identical_content(tmp_path):
+    """Their sha256 keys downstream caches: a rewrite of the same weights must not change it."""
+    from pipeline.io import file_sha256
+    from pipeline.train import save_checkpoint
+
+    state = {"model": {"w": torch.arange(6.0)}, "epoch": 3}
+    save_checkpoint(state, tmp_path / "a.pt")
+    save_checkpoint(state, tmp_path / "b.pt")
+    assert file_sha256(tmp_path / "a.pt") == file_sha256(tmp_path / "b.pt")

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from pipeline.data.splits import Rejection, labeled_subsets, read_hmdb51, read_ucf101
 from pipeline.errors import DataError
-from pipeline.io import atomic_path, write_json_atomic
+from pipeline.io import atomic_path, remove_leftovers, write_json_atomic
 
 READERS = {"ucf101": read_ucf101, "hmdb51": read_hmdb51}
 CODECS = ("jpeg", "raw")
@@ -201,7 +201,7 @@ def ingest(
     out_dir.mkdir(parents=True, exist_ok=True)
     for done_marker in (MANIFEST, SUMMARY):  # the folder is incomplete until we finish
         (out_dir / done_marker).unlink(missing_ok=True)
-    _remove_stale_files(out_dir, num_shards)
+    remove_leftovers(out_dir, "shard-", num_shards)
 
     videos, rejections = READERS[fmt](raw_dir)
     split_col = f"split{split}"
@@ -498,14 +498,3 @@ def _strict_summary(rejections: list[Rejection], rejected_csv: Path) -> str:
         shown = ", ".join(paths[:3]) + (", ..." if len(paths) > 3 else "")
         lines.append(f"  {len(paths)} x {kind}: {shown}")
     return "\n".join(lines)
-
-
-def _remove_stale_files(out_dir: Path, num_shards: int) -> None:
-    """Temp files of a killed run, and shards beyond `num_shards` from an earlier setting."""
-    for name in (MANIFEST, REJECTED, SUMMARY, "shard-"):
-        for tmp in out_dir.glob(f".{name}*.tmp"):
-            tmp.unlink(missing_ok=True)
-    for shard in out_dir.glob("shard-*.h5"):
-        number = shard.stem.removeprefix("shard-")
-        if not number.isdigit() or int(number) >= num_shards:
-            shard.unlink()

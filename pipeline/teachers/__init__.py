@@ -17,7 +17,6 @@ import torch
 from torch import nn
 
 from pipeline.errors import DataError
-from pipeline.io import atomic_path
 from pipeline.models import resnet_2d
 from pipeline.teachers.base import IMAGENET_MEAN, IMAGENET_STD, KINDS, FrozenTeacher, Preprocess
 
@@ -115,8 +114,9 @@ def save_teacher(
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in state_dict.items()},
         "source": {k: str(v) for k, v in source.items()},
     }
-    with atomic_path(path) as tmp:
-        torch.save(checkpoint, tmp)
+    from pipeline.train import save_checkpoint
+
+    save_checkpoint(checkpoint, path)
 
 
 def _plain(value):

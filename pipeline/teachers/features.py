@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import h5py
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from pipeline.data.shards import _read_jpeg, _read_raw, shard_path
 from pipeline.errors import DataError
-from pipeline.io import atomic_path, write_json_atomic
+from pipeline.io import atomic_path, remove_leftovers, write_json_atomic
 from pipeline.teachers.base import FrozenTeacher
 
 # Part of the cache key: bump it when the feat file layout changes.
@@ -198,18 +198,6 @@ def _store(datasets: dict, rows: range, outputs: dict[str, torch.Tensor], bar: t
     bar.update(len(rows))
 
 
-def _remove_stale_files(out_dir: Path, num_shards: int) -> None:
-    """Temp files of a killed build, and feat files of shards that no longer exist."""
-    for tmp in out_dir.glob(".feat-*.tmp"):
-        tmp.unlink(missing_ok=True)
-    for tmp in out_dir.glob(f".{CACHE_JSON}*.tmp"):
-        tmp.unlink(missing_ok=True)
-    for feat in out_dir.glob("feat-*.h5"):
-        number = feat.stem.removeprefix("feat-")
-        if not number.isdigit() or int(number) >= num_shards:
-            feat.unlink()
-
-
 def _summary_is_current(summary_path: Path, key: str, feat_files: list[Path]) -> dict | None:
     """cache.json's content if it and every feat file carry `key`, else None."""
     if not summary_path.is_file():
@@ -266,7 +254,7 @@ def build_feature_cache(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     summary_path.unlink(missing_ok=True)  # incomplete until every feat file is written
-    _remove_stale_files(out_dir, len(keys))
+    remove_leftovers(out_dir, "feat-", len(keys))
     runs = [
         _frame_size_runs(manifest, shard, rows[shard], shard_path(shard_dir, shard))
         for shard in range(len(keys))
@@ -440,3 +428,26 @@ class FeatureCache:
         for file, _ in self._open.values():
             file.close()
         self._open = {}
+
+
+def open_caches(
+    caches: Mapping[str, str | os.PathLike], shard_dir: Path, teachers: Sequence[str]
+) -> dict[str, FeatureCache]:
+    """The feature cache of each teacher, in `teachers` order."""
+    missing = [name for name in teachers if name not in caches]
+    if missing:
+        raise ValueError(f"no feature cache given for teachers {missing}")
+    return {name: FeatureCache(caches[name], shard_dir) for name in teachers}
+
+
+def cache_keys(caches: Mapping[str, str | os.PathLike], teachers: Sequence[str]) -> dict:
+    """Each teacher's cache key (cache.json "key"): part of the run key, so a rebuilt cache
+    (another checkpoint, preprocessing or shards) starts the run afresh instead of resuming."""
+    keys = {}
+    for name in teachers:
+        path = Path(caches[name]) / "cache.json"
+        try:
+            keys[name] = json.loads(path.read_text())["key"]
+        except (OSError, json.JSONDecodeError, KeyError) as err:
+            raise DataError(f"{path}: cannot read the cache key ({err})") from err
+    return keys

@@ -26,6 +26,7 @@ from PIL import Image
 
 from pipeline.data.render import PART_NAMES
 from pipeline.errors import DataError
+from pipeline.teachers import TEACHER_NAMES
 from pipeline.teachers.base import Preprocess
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -261,17 +262,14 @@ def read_lip(
     return ImageSet(tuple(classes), splits[train_split], splits[test_split])
 
 
-TEACHER_READERS = ("imagenet", "places", "bu101", "stanford40", "schp")
-
-
 def read_teacher_images(
     name: str, folder: str | os.PathLike, *, test_fraction: float = 0.2, split_seed: int = 0
 ) -> ImageSet:
     """The image set teacher `name` trains on, in `folder` in its dataset's layout (the synthetic
     world writes them to images/{objects,scenes,bu101,stanford40,parsing}); test_fraction and
     split_seed only matter for bu101."""
-    if name not in TEACHER_READERS:
-        raise ValueError(f"unknown teacher {name!r}; choose from {TEACHER_READERS}")
+    if name not in TEACHER_NAMES:
+        raise ValueError(f"unknown teacher {name!r}; choose from {TEACHER_NAMES}")
     folder = Path(folder)
     if name == "imagenet":
         return read_image_folders(folder)
