@@ -281,8 +281,20 @@ def _frac(v):
 
 
 def _cell_noise(i, j):
-    """Pseudo-random value in [0, 1) per integer cell: texture fixed to the world, not pixels."""
-    return _frac(np.sin(i * 127.1 + j * 311.7) * 43758.5453)
+    """Pseudo-random value in [0, 1) per integer cell: texture fixed to the world, not pixels.
+
+    An integer hash (32-bit multiply-xorshift), not the shader idiom frac(sin(x) * 43758): that
+    one turns a last-bit difference in sin, which numpy's SIMD code paths make from one CPU to
+    another, into different pixels (0.6% of the tiny world's, measured)."""
+    mask = np.uint64(0xFFFFFFFF)
+    h = (np.asarray(i).astype(np.int64).astype(np.uint64) * np.uint64(73856093)) ^ (
+        np.asarray(j).astype(np.int64).astype(np.uint64) * np.uint64(19349663)
+    )
+    for _ in range(2):
+        h = (h ^ (h >> np.uint64(16))) & mask
+        h = (h * np.uint64(0x45D9F3B)) & mask
+    h ^= h >> np.uint64(16)
+    return h.astype(np.float64) / 2.0**32
 
 
 # Patterns map world x and height above the horizon h to an accent weight in [0, 1] (anything
