@@ -172,6 +172,23 @@ def cmd_features(args) -> None:
     )
 
 
+def cmd_teacher_probe(args) -> None:
+    params = _declared(f"probe_{args.dataset}_{args.teacher}")
+    from pipeline.dag import features_dir, probe_dir
+    from pipeline.io import write_json_atomic
+    from pipeline.teachers.features import probe_teacher
+
+    metrics = probe_teacher(
+        Path(features_dir(args.dataset, args.teacher)),
+        Path(f"data/shards/{args.dataset}"),
+        split=params.datasets[args.dataset].split,
+        val_fraction=params.dtg.finetune.val_fraction,
+        labeled_percent=params.dtg.labeled_percent,
+    )
+    write_json_atomic(Path(probe_dir(args.dataset, args.teacher)) / "metrics.json", metrics)
+    print(f"{args.teacher}: linear probe top-1 {metrics['test']['top1']:.1f}% on the test split")
+
+
 def _trainer_fields(section) -> dict:
     """A TrainParams section as the trainer's keywords (validation carving is the run's)."""
     fields = section.model_dump()
@@ -221,6 +238,7 @@ def cmd_pretrain(args) -> None:
             "crop": dtg.crop,
             "guidance": run.guidance,
             "overlap": run.overlap,
+            "flip": dtg.anchor_flip,
         },
         dtg={
             "tau": dtg.tau,
@@ -264,6 +282,7 @@ def cmd_finetune(args) -> None:
             "segments": dtg.segments,
             "guidance": dtg.guidance,
             "overlap": dtg.overlap,
+            "flip": dtg.anchor_flip,
             "alpha": dtg.alpha,
             "beta": dtg.beta,
             "tau": dtg.tau,
@@ -306,7 +325,7 @@ def _teachers_table() -> None:
 
 def _dtg_table(name: str) -> None:
     _, all_params, params = _stage(name)
-    from pipeline.dag import ALL_TEACHERS, dtg_tables, run_dir, teacher_dir
+    from pipeline.dag import ALL_TEACHERS, dtg_tables, probe_dir, run_dir, table_probes, teacher_dir
     from pipeline.tables import write_dtg_table
 
     rows = dtg_tables(all_params)[name]
@@ -318,6 +337,7 @@ def _dtg_table(name: str) -> None:
         rows,
         {run: Path(run_dir(params.dataset, run)) for run in runs},
         {t: Path(teacher_dir(t)) for t in ALL_TEACHERS},
+        {t: Path(probe_dir(params.dataset, t)) for t in table_probes(name)},
         Path(f"results/tables/{name}.csv"),
         Path(f"results/figures/{name}.png"),
     )
@@ -465,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("teacher", cmd_teacher, "train or import a frozen image teacher")
     p.add_argument("--name", required=True, choices=list(TEACHER_IMAGE_SETS))
     p = stage("features", cmd_features, "cache a teacher's per-frame outputs", dataset=True)
+    p.add_argument("--teacher", required=True, choices=list(TEACHER_IMAGE_SETS))
+
+    p = stage("teacher-probe", cmd_teacher_probe, "linear probe of a teacher's cache", dataset=True)
     p.add_argument("--teacher", required=True, choices=list(TEACHER_IMAGE_SETS))
 
     stage("tsne", cmd_tsne, "t-SNE of supervised runs with and without DTG", dataset=True)

@@ -296,9 +296,28 @@ def features_stage(params: Params, dataset: str, teacher: str) -> Stage:
     )
 
 
+def probe_dir(dataset: str, teacher: str) -> str:
+    return run_dir(dataset, f"probe_{teacher}")
+
+
+def probe_stage(dataset: str, teacher: str) -> Stage:
+    """A teacher's linear probe on its cached video-level features: the reference rows of the
+    DTG tables (what a guided student could learn from it)."""
+    out = probe_dir(dataset, teacher)
+    return Stage(
+        name=f"probe_{dataset}_{teacher}",
+        cmd=f"python -m pipeline teacher-probe --dataset {dataset} --teacher {teacher}",
+        deps=(_shards(dataset), features_dir(dataset, teacher)),
+        outs=(f"{out}metrics.json",),
+        params=("dtg.labeled_percent", "dtg.finetune.val_fraction", f"datasets.{dataset}.split"),
+        code=("pipeline/teachers/features.py", "pipeline/evaluate.py", "pipeline/finetune.py"),
+    )
+
+
 def teacher_stages(params: Params) -> list[Stage]:
     stages = [teacher_stage(params, name) for name in TEACHER_IMAGE_SETS]
     stages += [features_stage(params, params.dataset, name) for name in TEACHER_IMAGE_SETS]
+    stages += [probe_stage(params.dataset, name) for name in ALL_TEACHERS]
     stages.append(
         Stage(
             name="teachers_table",
@@ -495,6 +514,11 @@ def dtg_tables(params: Params) -> dict[str, list[tuple[str, FinetuneRun]]]:
     return {"table3": table3, "table2": table2, "table4": table4, "table1": table1}
 
 
+def table_probes(table: str) -> tuple[str, ...]:
+    """The teachers whose probe rows stand beside a DTG table's rows (its guiding teachers)."""
+    return ("imagenet",) if table == "table2" else ALL_TEACHERS
+
+
 def tsne_runs(params: Params) -> dict[str, FinetuneRun]:
     """Table 4's pair at its first seed (label -> run): the t-SNE figure's two models."""
     rows = dtg_tables(params)["table4"]
@@ -513,6 +537,7 @@ def pretrain_stage(params: Params, dataset: str, run: DTGRun) -> Stage:
         f"dtg.students.{run.student}",
         "dtg.segments",
         "dtg.crop",
+        "dtg.anchor_flip",
         "dtg.tau",
         "dtg.queue_size",
         "dtg.proj_hidden",
@@ -563,6 +588,7 @@ def finetune_stage(params: Params, dataset: str, run: FinetuneRun) -> Stage:
             "dtg.proj_hidden",
             "dtg.guidance",
             "dtg.overlap",
+            "dtg.anchor_flip",
             "dtg.alpha",
             "dtg.beta",
         ]
@@ -598,12 +624,14 @@ def dtg_stages(params: Params) -> list[Stage]:
                         stages.setdefault(single.name, finetune_stage(params, dataset, single))
             stages.setdefault(run.name, finetune_stage(params, dataset, run))
         outs = [f"results/tables/{table}.csv", f"results/figures/{table}.png"]
+        probes = [f"{probe_dir(dataset, t)}metrics.json" for t in table_probes(table)]
         stages[table] = Stage(
             name=table,
             cmd=f"python -m pipeline table {table}",
             deps=tuple(
                 dict.fromkeys(f"{run_dir(dataset, run.name)}metrics.json" for _, run in rows)
-            ),
+            )
+            + tuple(probes),
             outs=tuple(outs),
             params=(f"tables.{table}", "dtg.student", "dtg.guidance", "dtg.overlap", "dataset"),
             code=("pipeline/tables.py",),

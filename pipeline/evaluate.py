@@ -224,3 +224,27 @@ def linear_probe(
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, random_state=seed))
     probe.fit(*train)
     return {"top1": 100.0 * float(probe.score(*test)), "train_size": len(train[1])}
+
+
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, loader, *, device: str | torch.device = "cpu") -> None:
+    """Re-estimate every BatchNorm's running mean and variance as the exact average over the
+    clips of `loader` ("precise BN"), leaving the weights alone. A freshly initialised network's
+    running statistics are the placeholders 0 and 1, so its eval-mode features are scaled at
+    random, and any training at all, even on noise, would lift a probe of them; calibrated on the
+    probe's own training clips, every network is compared on what its weights compute."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    saved = [(m.momentum, m.training) for m in norms]
+    model.to(device)
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+        m.train()
+    for batch in loader:
+        video = prepare_video(batch["video"].to(device))
+        model.features(video.flatten(0, 1) if video.dim() == 6 else video)
+    for m, (momentum, training) in zip(norms, saved, strict=True):
+        m.momentum = momentum
+        m.train(training)

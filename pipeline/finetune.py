@@ -6,6 +6,7 @@ evaluation and outputs. Model selection never sees the test split: validation is
 train split by group (pipeline.data.splits.carve_validation).
 """
 
+import copy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from pipeline.data.guided import GuidedClipDataset
 from pipeline.data.samplers import DenseSampler, UniformClipsSampler
 from pipeline.data.splits import carve_validation
 from pipeline.errors import DataError
-from pipeline.evaluate import confusion_figure, evaluate, linear_probe
+from pipeline.evaluate import calibrate_batchnorm, confusion_figure, evaluate, linear_probe
 from pipeline.figures import extract_features
 from pipeline.io import file_sha256, write_json_atomic
 from pipeline.methods.dtg import DTG
@@ -209,8 +210,8 @@ def train_run(
     when the class count differs. init_teacher: a teacher's model.pt whose 2D weights start the
     network (load_teacher_init). labeled_percent: train on that labeled subset of the train split.
     guided: supervised DTG (alpha L_CT + beta L_CE, pipeline.methods.dtg) with keys caches
-    (teacher -> feature cache folder), segments, guidance, overlap, alpha, beta, tau, queue_size,
-    proj_hidden; its training clips are GuidedClipDataset's sparse sequences.
+    (teacher -> feature cache folder), segments, guidance, overlap, flip, alpha, beta, tau,
+    queue_size, proj_hidden; its training clips are GuidedClipDataset's sparse sequences.
     """
     train = dict(train)
     batch_size = train.pop("batch_size")
@@ -245,6 +246,7 @@ def train_run(
             guidance=guided["guidance"],
             overlap=guided["overlap"],
             seed=run.seed,
+            flip=guided["flip"],
         )
         params = {**params, "cache_keys": cache_keys(guided["caches"], teachers)}
     val_set = ClipDataset(
@@ -278,17 +280,7 @@ def train_run(
             queue_seed=run.seed,
             **{k: guided[k] for k in ("alpha", "beta", "tau", "queue_size", "proj_hidden")},
         )
-    # The initial network's frozen features under a linear probe: what pretraining put in them.
-    probe_clips = ClipSpec(**{**asdict(clips), "three_crop": False})
-    probe = linear_probe(
-        *(
-            extract_features(network, make_loader(
-                test_clip_dataset(shard_dir, rows[part], probe_clips),
-                shuffle=False, distributed=False, **loader_args))
-            for part in ("train", "test")
-        ),
-        seed=run.seed,
-    )  # fmt: skip
+    probe = initial_probe(network, shard_dir, rows, clips, loader_args, seed=run.seed)
     history = fit(
         method,
         train_loader,
@@ -308,6 +300,25 @@ def train_run(
     metrics["splits"] = _sizes(rows)
     write_json_atomic(run_dir / "metrics.json", metrics)
     return metrics
+
+
+def initial_probe(
+    network, shard_dir: Path, rows: dict, clips: ClipSpec, loader_args: dict, seed: int
+):
+    """The initial network's frozen features under a linear probe (fit on the run's training
+    videos, scored on its test videos): what pretraining put into them. On a copy whose
+    BatchNorm statistics are calibrated on the probe's training clips first, so that a random
+    initialisation is not handicapped by its placeholder statistics (calibrate_batchnorm)."""
+    probe_clips = ClipSpec(**{**asdict(clips), "three_crop": False})
+
+    def loader(part: str):
+        dataset = test_clip_dataset(shard_dir, rows[part], probe_clips)
+        return make_loader(dataset, shuffle=False, distributed=False, **loader_args)
+
+    frozen = copy.deepcopy(network)
+    calibrate_batchnorm(frozen, loader("train"))
+    return linear_probe(*(extract_features(frozen, loader(part)) for part in ("train", "test")),
+                        seed=seed)  # fmt: skip
 
 
 def _sizes(rows: dict) -> dict:

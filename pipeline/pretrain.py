@@ -82,10 +82,11 @@ def pretrain_dtg(
     caches: teacher name -> feature cache folder of these shards. teachers: the teachers used, in
     the order weights are reported. offline_accuracies: teacher -> top-1 (percent) of its
     single-teacher run, for weighting "offline". model: build_video_model's keywords plus `name`.
-    clips: segments (T), crop, guidance ("img" | "seq"), overlap. dtg: DTG's keywords tau,
-    queue_size, proj_hidden, online1_temperature, online2_temperature. train: TrainSpec's fields
-    plus batch_size, workers. params (the stage's declared params), the other arguments and the
-    cache keys key the run, so a rerun resumes and other params or rebuilt caches start afresh.
+    clips: segments (T), crop, guidance ("img" | "seq"), overlap, flip (the anchor's). dtg: DTG's
+    keywords tau, queue_size, proj_hidden, online1_temperature, online2_temperature. train:
+    TrainSpec's fields plus batch_size, workers. params (the stage's declared params), the other
+    arguments and the cache keys key the run, so a rerun resumes and other params or rebuilt
+    caches start afresh.
     figure: where the Figure 3 plot of online weightings goes (None: no plot).
     """
     shard_dir, run_dir = Path(shard_dir), Path(run_dir)
@@ -108,13 +109,8 @@ def pretrain_dtg(
         overlap=clips["overlap"],
         seed=seed,
         label_mask=np.zeros(len(manifest), dtype=bool),  # self-supervised: no labels at all
+        flip=clips["flip"],
     )
-    queue_size = dtg["queue_size"]
-    if queue_size >= len(dataset):
-        # The queue would hold the anchor's own video from an earlier step: a false negative.
-        raise ValueError(
-            f"queue_size {queue_size} must be smaller than the {len(dataset)} pre-training videos"
-        )
     # drop_last: under DDP every rank must gather equal batches into the queues
     loader = make_loader(
         dataset,

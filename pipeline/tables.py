@@ -48,12 +48,17 @@ def _summarise(frame: pd.DataFrame, keys: list[str], metrics: Sequence[str]) -> 
 
 
 def selfkd_table3(runs: Sequence[RunSpec], dirs: dict[str, Path]) -> pd.DataFrame:
+    """Teaching Yourself's table 3; each row's video@1 compared, paired by seed, with the Baseline
+    and with Baseline + Data Aug (what Teaching Yourself adds beyond its augmentation)."""
     frame = pd.DataFrame(
-        [{"method": _row_name(r), **read_test_metrics(dirs[r.name])} for r in runs]
+        [
+            {"method": _row_name(r), "seed": r.seed, **read_test_metrics(dirs[r.name])}
+            for r in runs
+        ]
     )
     table = _summarise(frame, ["method"], ["clip@1", "video@1"])
-    baseline = table.loc[table["method"] == "Baseline", "video@1_mean"].iloc[0]
-    table["video@1_vs_baseline"] = (table["video@1_mean"] - baseline).round(2)
+    for reference in ("Baseline", "Baseline + Data Aug"):
+        table = compare_paired(table, frame, reference, [("video@1", "video@1_")], label="method")
     table["paper_clip@1"] = [SELFKD_PAPER[m][0] for m in table["method"]]
     table["paper_video@1"] = [SELFKD_PAPER[m][1] for m in table["method"]]
     return table
@@ -175,33 +180,55 @@ def finetune_metrics(run_dir: Path) -> dict:
         raise DataError(f"{path}: no test metric {err}; rerun its finetune stage") from None
 
 
-def _verdict(diff: float, std_a: float, std_b: float, n_a: int, n_b: int) -> str:
-    """'yes' / 'no' when the difference of means exceeds twice its standard error, else
-    'within noise' (and 'one seed' when no spread can be estimated)."""
-    if min(n_a, n_b) < 2:
+def paired_verdict(diffs: Sequence[float], level: float = 0.95) -> str:
+    """'yes' / 'no' when per-seed paired differences (row minus reference, same seed: same
+    labeled subset and head initialisation) are significantly above / below zero under a
+    two-sided paired t-test at `level`; else 'within noise' ('one seed' when there is no spread to
+    estimate). With 3 seeds the bar is 4.30 standard errors, not 2."""
+    from scipy import stats
+
+    diffs = np.asarray(diffs, dtype=float)
+    if len(diffs) < 2:
         return "one seed"
-    error = np.sqrt(std_a**2 / n_a + std_b**2 / n_b)
-    if diff > 2 * error:
+    mean, error = diffs.mean(), diffs.std(ddof=1) / np.sqrt(len(diffs))
+    bar = stats.t.ppf(0.5 + level / 2, df=len(diffs) - 1) * error
+    if mean > bar:
         return "yes"
-    if diff < -2 * error:
+    if mean < -bar:
         return "no"
     return "within noise"
 
 
-def _compare(table: pd.DataFrame, reference: str, label: str = "row") -> pd.DataFrame:
-    """Add each row's acc@1 (and probe@1) difference to the `reference` row and whether it beats
-    it (_verdict)."""
-    ref = table.loc[table[label] == reference].iloc[0]
-    for metric, prefix in (("acc@1", ""), ("probe@1", "probe_")):
-        if f"{metric}_mean" not in table:
+def compare_paired(
+    table: pd.DataFrame,
+    frame: pd.DataFrame,
+    reference: str,
+    metrics: Sequence[tuple[str, str]],
+    label: str = "row",
+) -> pd.DataFrame:
+    """Add, per (metric, column prefix), each row's paired comparison with the `reference` row:
+    `<prefix>vs_<ref>` (mean per-seed difference), `<prefix>vs_<ref>_se` (its standard error) and
+    `<prefix>beats_<ref>` (paired_verdict). `frame` holds the per-seed values (columns `label`,
+    "seed", the metrics); only seeds both rows ran are paired. Rows without the metric (reference
+    rows such as a teacher's probe) get empty cells."""
+    ref = frame[frame[label] == reference].set_index("seed")
+    for metric, prefix in metrics:
+        if metric not in frame:
             continue
-        mean, std = f"{metric}_mean", f"{metric}_std"
-        table[f"{prefix}vs_{reference}"] = (table[mean] - ref[mean]).round(2)
-        table[f"{prefix}beats_{reference}"] = [
-            "" if row[label] == reference
-            else _verdict(row[mean] - ref[mean], row[std], ref[std], row["seeds"], ref["seeds"])
-            for _, row in table.iterrows()
-        ]  # fmt: skip
+        means, errors, verdicts = [], [], []
+        for name in table[label]:
+            own = frame[frame[label] == name].set_index("seed")[metric].dropna()
+            diffs = (own - ref[metric]).dropna()
+            if name == reference or diffs.empty:
+                means.append(np.nan), errors.append(np.nan), verdicts.append("")
+                continue
+            means.append(round(diffs.mean(), 2))
+            errors.append(round(diffs.std(ddof=1) / np.sqrt(len(diffs)), 2) if len(diffs) > 1
+                          else np.nan)  # fmt: skip
+            verdicts.append(paired_verdict(diffs.to_numpy()))
+        table[f"{prefix}vs_{reference}"] = means
+        table[f"{prefix}vs_{reference}_se"] = errors
+        table[f"{prefix}beats_{reference}"] = verdicts
     return table
 
 
@@ -236,14 +263,48 @@ def _teacher_sizes(teacher_dirs: dict) -> dict[str, int]:
     }
 
 
+TEACHER_LABELS = {
+    "imagenet": "ImageNet",
+    "places": "Places",
+    "bu101": "BU",
+    "stanford40": "Stanford",
+}
+
+
+def teacher_probe(path: Path) -> float:
+    """A teacher's linear-probe test top-1 (percent) from its probe run's metrics.json."""
+    metrics = _json(path / "metrics.json", "the teacher probe")
+    try:
+        return float(metrics["test"]["top1"])
+    except (KeyError, TypeError) as err:
+        raise DataError(f"{path / 'metrics.json'}: no test top1 ({err!r})") from None
+
+
+def _guiding_teachers(run) -> tuple[str, ...]:
+    """The teachers whose knowledge a fine-tuning run's student started from or trained with."""
+    if run.pretrained is not None:
+        return run.pretrained.teachers
+    return (run.init_teacher,) if run.init_teacher else tuple(run.guided_by)
+
+
 def dtg_table(
-    name: str, rows: Sequence[tuple[str, object]], run_dirs: dict, teacher_dirs: dict
+    name: str,
+    rows: Sequence[tuple[str, object]],
+    run_dirs: dict,
+    teacher_dirs: dict,
+    probe_dirs: dict | None = None,
 ) -> pd.DataFrame:
-    """One of DTG-Net's tables from its (row label, FinetuneRun) pairs (pipeline.dag.dtg_tables)."""
+    """One of DTG-Net's tables from its (row label, FinetuneRun) pairs (pipeline.dag.dtg_tables).
+
+    Rows are compared with the table's reference row by paired per-seed differences
+    (compare_paired). probe_dirs (teacher -> its probe run): reference rows "Teacher probe:
+    <teacher>" (the teacher's own cached features under the same linear probe, labeled subset and
+    test split) and a `transfer` column: a row's probe@1 over the best probe of the teachers that
+    guided it, i.e. how much of their knowledge reached the student before fine-tuning."""
     sizes = _teacher_sizes(teacher_dirs) if name == "table3" else {}
     records = []
     for label, run in rows:
-        record = {"row": label, **finetune_metrics(run_dirs[run.name])}
+        record = {"row": label, "seed": run.seed, **finetune_metrics(run_dirs[run.name])}
         pre = run.pretrained
         if name == "table3":
             teachers = pre.teachers if pre else ()
@@ -264,7 +325,7 @@ def dtg_table(
             }
         records.append(record)
     frame = pd.DataFrame(records)
-    measured = ("acc@1", "acc@5", "mAP", "probe@1")
+    measured = ("seed", "acc@1", "acc@5", "mAP", "probe@1")
     keys = [c for c in frame.columns if c not in measured and not c.startswith("w_")]
     metrics = ["acc@1", "acc@5"] + (["mAP"] if name in ("table4", "table1") else [])
     if name != "table4":  # both of table 4's rows start from random weights
@@ -276,26 +337,43 @@ def dtg_table(
             ", ".join(f"{c[2:]} {v:.3g}" for c, v in weights.loc[r].items() if not np.isnan(v))
             for r in table["row"]
         ]
-        table = _compare(table, "Scratch")
+    reference = DTG_TITLES[name][1] or table["row"].iloc[-1]
+    table = compare_paired(table, frame, reference, [("acc@1", ""), ("probe@1", "probe_")])
+    if name == "table3":
         paper = [DTG_PAPER_TABLE3.get(r, (None, None)) for r in table["row"]]
     elif name == "table2":
-        table = _compare(table, table["row"].iloc[-1])
+        columns = ["teacher_input", "student", "student_input", "overlap"]
         paper = [
             DTG_PAPER_TABLE2.get(tuple(r), (None, None))
-            for r in table[["teacher_input", "student", "student_input", "overlap"]].itertuples(
-                index=False
-            )
+            for r in table[columns].itertuples(index=False)
         ]
-    elif name == "table4":
-        table = _compare(table, "Supervised")
-        paper = [(None, None)] * len(table)
     else:
-        table = _compare(table, "Random init")
         paper = [(None, None)] * len(table)
     if any(p[0] is not None for p in paper):
         table["paper_acc@1"] = [p[0] for p in paper]
         table["paper_acc@5"] = [p[1] for p in paper]
+    if probe_dirs:
+        table = _with_teacher_probes(table, dict(rows), probe_dirs)
     return table
+
+
+def _with_teacher_probes(table: pd.DataFrame, runs: dict, probe_dirs: dict) -> pd.DataFrame:
+    """Add the `transfer` column and one reference row per probed teacher."""
+    probes = {t: teacher_probe(Path(path)) for t, path in probe_dirs.items()}
+    if "probe@1_mean" in table:
+        transfer = []
+        for label, probe in zip(table["row"], table["probe@1_mean"], strict=True):
+            guides = [probes[t] for t in _guiding_teachers(runs[label]) if t in probes]
+            transfer.append(round(probe / max(guides), 3) if guides else np.nan)
+        table["transfer"] = transfer
+    rows = pd.DataFrame(
+        [
+            {"row": f"Teacher probe: {TEACHER_LABELS.get(t, t)}", "seeds": 1,
+             "probe@1_mean": round(value, 2)}
+            for t, value in probes.items()
+        ]
+    )  # fmt: skip
+    return pd.concat([table, rows], ignore_index=True)
 
 
 def _bar_figure(table: pd.DataFrame, title: str, path: Path, reference: str | None) -> None:
@@ -341,9 +419,15 @@ def write_table(table: pd.DataFrame, csv_path: Path) -> pd.DataFrame:
 
 
 def write_dtg_table(
-    name: str, rows, run_dirs: dict, teacher_dirs: dict, csv_path: Path, png_path: Path
+    name: str,
+    rows,
+    run_dirs: dict,
+    teacher_dirs: dict,
+    probe_dirs: dict,
+    csv_path: Path,
+    png_path: Path,
 ) -> pd.DataFrame:
-    table = dtg_table(name, rows, run_dirs, teacher_dirs)
+    table = dtg_table(name, rows, run_dirs, teacher_dirs, probe_dirs)
     title, reference = DTG_TITLES[name]
     _bar_figure(table, title, png_path, reference)
     return write_table(table, csv_path)

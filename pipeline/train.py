@@ -67,16 +67,18 @@ TIMING_FIELDS = ("clips_per_s", "epoch_seconds")
 
 @dataclass(frozen=True)
 class TrainSpec:
-    """How to train. Warm-up is linear per epoch: epoch e < warmup_epochs uses lr*(e+1)/warmup.
+    """How to train. The lr moves every step (`lr_factor`): a linear warm-up over the first
+    warmup_epochs, then the schedule.
 
     schedule: "constant"; "step" (lr * gamma ** number of milestones <= epoch); "cosine" (from lr
-    at the end of warm-up towards 0 at `epochs`); "plateau" (multiply by plateau_factor when the
-    monitored metric has not improved for more than plateau_patience checks; the monitored metric
-    is the validation top-1, video-level when available, else the training loss).
+    at the end of warm-up towards 0 at the end of the last epoch); "plateau" (multiply by
+    plateau_factor when the monitored metric has not improved for more than plateau_patience
+    checks; the monitored metric is the validation top-1, video-level when available, else the
+    training loss).
     optimizer: "sgd" (momentum, nesterov, weight_decay) or "adam" (weight_decay as L2; momentum
     and nesterov unused). grad_clip: max global L2 norm of the gradients, or None.
-    amp: "off" | "bf16" (autocast) | "fp16" (autocast + GradScaler). channels_last: on CUDA, keep
-    4-D/5-D weights and 5-D inputs channels-last (ignored on CPU). deterministic: deterministic
+    amp: "off" | "bf16" (autocast) | "fp16" (autocast + GradScaler). channels_last: keep 4-D/5-D
+    weights and 5-D inputs channels-last (on CPU and CUDA). deterministic: deterministic
     algorithms and no cuDNN autotuning (bit-reproducible; slower on GPU).
     """
 
@@ -225,23 +227,27 @@ def restore_rng_state(state: dict) -> None:
 
 
 def lr_factor(
-    epoch: int,
+    step: int,
     *,
+    steps_per_epoch: int,
     schedule: str,
     epochs: int,
     milestones: tuple[int, ...] = (),
     gamma: float = 0.1,
     warmup_epochs: int = 0,
 ) -> float | None:
-    """The multiplier of the base lr during `epoch` (0-based); None once "plateau" owns the lr."""
-    if epoch < warmup_epochs:
-        return (epoch + 1) / warmup_epochs
+    """The multiplier of the base lr at optimisation step `step` (0-based, counted over the whole
+    run); None once "plateau" owns the lr. Warm-up and cosine move every step (a warm-up counted in
+    whole epochs would leave warmup_epochs=1 doing nothing); "step" changes at epoch milestones."""
+    warmup_steps = warmup_epochs * steps_per_epoch
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
     if schedule == "step":
-        return gamma ** sum(epoch >= m for m in milestones)
+        return gamma ** sum(step // steps_per_epoch >= m for m in milestones)
     if schedule == "cosine":
-        progress = (epoch - warmup_epochs) / max(1, epochs - warmup_epochs)
+        progress = (step - warmup_steps) / max(1, epochs * steps_per_epoch - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     if schedule == "plateau":
         return None
@@ -426,14 +432,24 @@ def _train_one_epoch(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
     *,
+    epoch: int,
+    spec: "TrainSpec",
     device: torch.device,
-    amp_dtype: torch.dtype | None,
-    grad_clip: float | None,
     video_format,
-    desc: str,
     show: bool,
 ) -> dict:
-    """Train one epoch; returns this rank's sums (losses and logs weighted by batch size)."""
+    """Train one epoch, setting the lr before every step; returns this rank's sums (losses and
+    logs weighted by batch size) and the lr of its last step."""
+    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.amp]
+    steps_per_epoch = len(loader)
+    schedule = {
+        "steps_per_epoch": steps_per_epoch,
+        "schedule": spec.schedule,
+        "epochs": spec.epochs,
+        "milestones": spec.milestones,
+        "gamma": spec.gamma,
+        "warmup_epochs": spec.warmup_epochs,
+    }
     step_module.train()
     trainable = [p for p in step_module.parameters() if p.requires_grad]
     zero = torch.zeros((), device=device, dtype=torch.float64)
@@ -443,8 +459,13 @@ def _train_one_epoch(
     log_samples: dict[str, int] = {}
     samples = steps = 0
     started = time.perf_counter()
+    desc = f"epoch {epoch + 1}/{spec.epochs}"
     bar = tqdm(loader, desc=desc, leave=False, unit="batch", disable=None if show else True)
     for batch in bar:
+        factor = lr_factor(epoch * steps_per_epoch + steps, **schedule)
+        if factor is not None:  # None: "plateau" sets the lr between epochs
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
         batch = _to_device(batch, device, video_format)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             out = step_module(batch)
@@ -453,10 +474,10 @@ def _train_one_epoch(
             scaler.scale(out.loss).backward()
         else:
             out.loss.backward()
-        if grad_clip is not None:
+        if spec.grad_clip is not None:
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            grad_norm_sum += torch.nn.utils.clip_grad_norm_(trainable, grad_clip).double()
+            grad_norm_sum += torch.nn.utils.clip_grad_norm_(trainable, spec.grad_clip).double()
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -495,17 +516,18 @@ def _train_one_epoch(
         "log_sums": {name: value.item() for name, value in log_sums.items()},
         "log_samples": log_samples,
         "seconds": time.perf_counter() - started,
+        "lr": optimizer.param_groups[0]["lr"],
     }
 
 
-def _epoch_record(epoch: int, lr: float, per_rank: list[dict], clipped: bool) -> dict:
-    """Sum the ranks' epoch sums into one history record."""
+def _epoch_record(epoch: int, per_rank: list[dict], clipped: bool) -> dict:
+    """Sum the ranks' epoch sums into one history record ("lr": its last step's)."""
     samples = sum(r["samples"] for r in per_rank)
     labeled = sum(r["labeled"] for r in per_rank)
     steps = sum(r["steps"] for r in per_rank)
     record = {
         "epoch": epoch,
-        "lr": lr,
+        "lr": per_rank[0]["lr"],
         "train_loss": sum(r["loss_sum"] for r in per_rank) / samples,
     }
     if labeled:
@@ -623,65 +645,18 @@ def fit(
 
 
 def _fit(method, train_loader, val_loader, run_dir, ckpt_dir, params, spec, rank, world, device):
-    torch.set_num_threads(spec.threads)
-    if spec.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    torch.backends.cudnn.benchmark = not spec.deterministic
-    torch.backends.cudnn.deterministic = spec.deterministic
+    _configure_backends(spec)
     main = rank == 0
     key = run_key(params, spec)
-
-    # Every rank reads the decision before rank 0 changes any file.
-    resume_from = _resume_point(ckpt_dir, key)
-    if world > 1:
-        dist.barrier()
-    if main and resume_from is None:
-        _start_fresh(run_dir, ckpt_dir, key, params)
-    if world > 1:
-        dist.barrier()
-
+    resume_from = _agree_on_resume(run_dir, ckpt_dir, key, params, main, world)
     method.to(device)
-    channels_last = spec.channels_last and device.type == "cuda"
-    video_format = None
-    if channels_last:
-        _to_channels_last(method)
-        if getattr(method.model, "memory_format", torch.channels_last_3d) == torch.channels_last_3d:
-            video_format = torch.channels_last_3d
+    video_format = _memory_format(method, spec, device)
     optimizer = _build_optimizer([p for p in method.parameters() if p.requires_grad], spec)
-    plateau = None
-    if spec.schedule == "plateau":
-        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer,
-            mode="max" if val_loader is not None else "min",  # see _monitored
-            factor=spec.plateau_factor,
-            patience=spec.plateau_patience,
-        )
-    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.amp]
+    plateau = _build_plateau(optimizer, spec, validating=val_loader is not None)
     scaler = torch.amp.GradScaler(device.type) if spec.amp == "fp16" else None
-
-    history: list[dict] = []
-    best = None
-    last_val = None
-    first_epoch = 0
-    rng_states = None
+    state = {"history": [], "best": None, "last_val": None, "epoch": -1, "rng": None}
     if resume_from is not None:
-        ckpt = load_checkpoint(resume_from)  # on CPU: RNG states must stay CPU tensors
-        if ckpt.get("key") != key or ckpt.get("format") != CHECKPOINT_FORMAT:
-            raise DataError(
-                f"{resume_from}: its run key or format does not match {ckpt_dir / 'key.json'}"
-            )
-        method.load_state_dict(ckpt["method"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if plateau is not None:
-            plateau.load_state_dict(ckpt["plateau"])
-        if scaler is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        history, best, last_val = ckpt["history"], ckpt["best"], ckpt["last_val"]
-        first_epoch = ckpt["epoch"] + 1
-        rng_states = ckpt["rng"]
-        if main:
-            log.info("%s: resuming after epoch %d", resume_from, ckpt["epoch"])
+        state = _resume(resume_from, key, method, optimizer, plateau, scaler, main)
     step_module = method
     if world > 1:
         step_module = DistributedDataParallel(
@@ -690,41 +665,23 @@ def _fit(method, train_loader, val_loader, run_dir, ckpt_dir, params, spec, rank
             find_unused_parameters=method.ddp_find_unused_parameters,
         )
     # Open the log before seeding: DVCLive draws a random experiment name.
-    live = _open_live(run_dir, history) if main else None
-    if rng_states is None:
-        seed_everything(spec.seed + rank)
-    elif len(rng_states) == world:
-        restore_rng_state(rng_states[rank])
-    else:
-        log.warning("checkpoint was written by %d ranks, now %d: reseeding", len(rng_states), world)
-        seed_everything(derived_seed(spec.seed, first_epoch, rank))
-    for epoch in range(first_epoch, spec.epochs):
-        factor = lr_factor(
-            epoch,
-            schedule=spec.schedule,
-            epochs=spec.epochs,
-            milestones=spec.milestones,
-            gamma=spec.gamma,
-            warmup_epochs=spec.warmup_epochs,
-        )
-        if factor is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * factor
-        lr = optimizer.param_groups[0]["lr"]
+    live = _open_live(run_dir, state["history"]) if main else None
+    _seed_ranks(spec, rank, world, state)
+    history, best, last_val = state["history"], state["best"], state["last_val"]
+    for epoch in range(state["epoch"] + 1, spec.epochs):
         start_epoch(train_loader, spec.seed, epoch)
         sums = _train_one_epoch(
             step_module,
             train_loader,
             optimizer,
             scaler,
+            epoch=epoch,
+            spec=spec,
             device=device,
-            amp_dtype=amp_dtype,
-            grad_clip=spec.grad_clip,
             video_format=video_format,
-            desc=f"epoch {epoch + 1}/{spec.epochs}",
             show=main,
         )
-        record = _epoch_record(epoch, lr, _gather(sums, world), spec.grad_clip is not None)
+        record = _epoch_record(epoch, _gather(sums, world), spec.grad_clip is not None)
         if not math.isfinite(record["train_loss"]):
             raise FloatingPointError(
                 f"training loss is {record['train_loss']} in epoch {epoch}; "
@@ -738,44 +695,145 @@ def _fit(method, train_loader, val_loader, run_dir, ckpt_dir, params, spec, rank
             )
             record |= {f"val_{k}": v for k, v in _scalars(last_val).items()}
             method.on_validation(epoch, last_val)
-        monitored = _monitored(record, validating=val_loader is not None)
-        if monitored is not None:
-            name, value, mode = monitored
-            if plateau is not None and epoch >= spec.warmup_epochs:
-                plateau.step(value)
-            if best is None or (value > best["value"] if mode == "max" else value < best["value"]):
-                best = {"metric": name, "value": value, "epoch": epoch}
+        best = _track_best(best, record, epoch, plateau, spec, validating=val_loader is not None)
         history.append(record)
         rng_state = capture_rng_state()
-        rng_states = _gather(rng_state, world)
+        rng_states = _gather(rng_state, world)  # every rank takes part in the all-gather
         if main:
-            save_checkpoint(
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "key": key,
-                    "params": json.loads(canonical_json(params)),
-                    "epoch": epoch,
-                    "method": method.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "plateau": plateau.state_dict() if plateau is not None else None,
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "rng": rng_states,
-                    "best": best,
-                    "history": history,
-                    "last_val": last_val,
-                    "world_size": world,
-                },
-                ckpt_dir / "last.pt",
-            )
-            write_json_atomic(run_dir / "history.json", history)
-            _log_epoch(live, record)
-            log.info("epoch %d/%d: %s", epoch + 1, spec.epochs, _summary(record))
+            checkpoint = {
+                "format": CHECKPOINT_FORMAT,
+                "key": key,
+                "params": json.loads(canonical_json(params)),
+                "epoch": epoch,
+                "method": method.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "plateau": plateau.state_dict() if plateau is not None else None,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": rng_states,
+                "best": best,
+                "history": history,
+                "last_val": last_val,
+                "world_size": world,
+            }
+            _save_epoch(checkpoint, run_dir, ckpt_dir, live, record, spec)
         # Writing and logging may draw random numbers (DVCLive does); the next epoch starts from
         # exactly the checkpointed state, as a resumed run does.
         restore_rng_state(rng_state)
 
+    metrics = _final_metrics(key, spec, device, world, train_loader, history, last_val, best)
+    if main:
+        _write_model(method, key, history, run_dir)
+        write_json_atomic(run_dir / "metrics.json", metrics)
+        live.end()
+    if world > 1:
+        dist.barrier()  # no rank leaves before rank 0 has written the outputs
+    return metrics
+
+
+def _configure_backends(spec: TrainSpec) -> None:
+    torch.set_num_threads(spec.threads)
+    if spec.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it to be
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = not spec.deterministic
+    torch.backends.cudnn.deterministic = spec.deterministic
+
+
+def _agree_on_resume(run_dir, ckpt_dir, key, params, main: bool, world: int) -> Path | None:
+    """The checkpoint to resume from (None: start fresh, clearing the folder). Every rank reads
+    the decision before rank 0 changes any file."""
+    resume_from = _resume_point(ckpt_dir, key)
+    if world > 1:
+        dist.barrier()
+    if main and resume_from is None:
+        _start_fresh(run_dir, ckpt_dir, key, params)
+    if world > 1:
+        dist.barrier()
+    return resume_from
+
+
+def _memory_format(method, spec: TrainSpec, device: torch.device):
+    """channels_last_3d for the videos when asked for (weights converted here), else None. On CPU
+    too: oneDNN's channels-last 3D convolutions train the tiny students 1.6x faster (48 px clips,
+    `python -m pipeline bench train`)."""
+    if not spec.channels_last:
+        return None
+    _to_channels_last(method)
+    if getattr(method.model, "memory_format", torch.channels_last_3d) == torch.channels_last_3d:
+        return torch.channels_last_3d
+    return None
+
+
+def _build_plateau(optimizer, spec: TrainSpec, validating: bool):
+    if spec.schedule != "plateau":
+        return None
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer,
+        mode="max" if validating else "min",  # see _monitored
+        factor=spec.plateau_factor,
+        patience=spec.plateau_patience,
+    )
+
+
+def _resume(path: Path, key: str, method, optimizer, plateau, scaler, main: bool) -> dict:
+    """Load a run's last checkpoint into the method and optimisation state; returns the loop's
+    state (history, best, last_val, epoch done, rng states)."""
+    ckpt = load_checkpoint(path)  # on CPU: RNG states must stay CPU tensors
+    if ckpt.get("key") != key or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(f"{path}: its run key or format does not match key.json beside it")
+    method.load_state_dict(ckpt["method"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if plateau is not None:
+        plateau.load_state_dict(ckpt["plateau"])
+    if scaler is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    if main:
+        log.info("%s: resuming after epoch %d", path, ckpt["epoch"])
+    return {
+        "history": ckpt["history"],
+        "best": ckpt["best"],
+        "last_val": ckpt["last_val"],
+        "epoch": ckpt["epoch"],
+        "rng": ckpt["rng"],
+    }
+
+
+def _seed_ranks(spec: TrainSpec, rank: int, world: int, state: dict) -> None:
+    """Fresh runs seed from the spec; resumed runs restore each rank's checkpointed RNG."""
+    if state["rng"] is None:
+        seed_everything(spec.seed + rank)
+    elif len(state["rng"]) == world:
+        restore_rng_state(state["rng"][rank])
+    else:
+        log.warning(
+            "checkpoint was written by %d ranks, now %d: reseeding", len(state["rng"]), world
+        )
+        seed_everything(derived_seed(spec.seed, state["epoch"] + 1, rank))
+
+
+def _track_best(best, record: dict, epoch: int, plateau, spec: TrainSpec, validating: bool):
+    """Step "plateau" on the monitored metric and return the best epoch so far."""
+    monitored = _monitored(record, validating)
+    if monitored is None:
+        return best
+    name, value, mode = monitored
+    if plateau is not None and epoch >= spec.warmup_epochs:
+        plateau.step(value)
+    if best is None or (value > best["value"] if mode == "max" else value < best["value"]):
+        return {"metric": name, "value": value, "epoch": epoch}
+    return best
+
+
+def _save_epoch(checkpoint: dict, run_dir: Path, ckpt_dir: Path, live, record, spec) -> None:
+    save_checkpoint(checkpoint, ckpt_dir / "last.pt")
+    write_json_atomic(run_dir / "history.json", checkpoint["history"])
+    _log_epoch(live, record)
+    log.info("epoch %d/%d: %s", record["epoch"] + 1, spec.epochs, _summary(record))
+
+
+def _final_metrics(key, spec, device, world, train_loader, history, last_val, best) -> dict:
     batch_size = _batch_size(train_loader)
-    metrics = {
+    return {
         "run_key": key,
         "epochs": spec.epochs,
         "seed": spec.seed,
@@ -786,29 +844,24 @@ def _fit(method, train_loader, val_loader, run_dir, ckpt_dir, params, spec, rank
         "batch_size": batch_size,
         "global_batch_size": batch_size * world if batch_size else None,
         "amp": spec.amp,
-        "channels_last": channels_last,
+        "channels_last": spec.channels_last,
         "deterministic": spec.deterministic,
         "torch_version": torch.__version__,
         "last_epoch": {k: v for k, v in history[-1].items() if k not in TIMING_FIELDS},
         "val": last_val,
         "best": best,
     }
-    if main:
-        model_meta = {
-            "run_key": key,
-            "epoch": history[-1]["epoch"],
-            "model_class": type(method.model).__name__,
-            "method_class": type(method).__name__,
-            "num_parameters": sum(p.numel() for p in method.model.parameters()),
-        }
-        save_checkpoint(
-            {"model": method.model.state_dict(), "meta": model_meta}, run_dir / "model.pt"
-        )
-        write_json_atomic(run_dir / "metrics.json", metrics)
-        live.end()
-    if world > 1:
-        dist.barrier()  # no rank leaves before rank 0 has written the outputs
-    return metrics
+
+
+def _write_model(method, key: str, history: list[dict], run_dir: Path) -> None:
+    meta = {
+        "run_key": key,
+        "epoch": history[-1]["epoch"],
+        "model_class": type(method.model).__name__,
+        "method_class": type(method).__name__,
+        "num_parameters": sum(p.numel() for p in method.model.parameters()),
+    }
+    save_checkpoint({"model": method.model.state_dict(), "meta": meta}, run_dir / "model.pt")
 
 
 def _summary(record: dict) -> str:

@@ -23,6 +23,7 @@ def test_committed_params_are_valid(project_params):
         (lambda p: p.update(datset="synth"), "datset", "unknown key"),
         (lambda p: p["datasets"]["ucf101"].update(split=4), "datasets.ucf101.split", "less than"),
         (lambda p: p.update(dataset="kinetics"), "<root>", "not a key of datasets"),
+        (lambda p: p["ingest"].update(percents=[5, 10]), "<root>", "dtg.labeled_percent 20"),
     ],
 )
 def test_bad_value_names_the_dotted_key(project_params, edit, key, problem):

@@ -7,7 +7,7 @@ import tomllib
 import yaml
 
 from pipeline.config import load_params
-from pipeline.dag import build_stages, dtg_tables, dvc_yaml
+from pipeline.dag import ALL_TEACHERS, build_stages, dtg_tables, dvc_yaml
 from tests.conftest import BIN, ROOT, copy_project, run_cli
 
 
@@ -76,7 +76,9 @@ def test_table3_rows_hang_off_teachers_features_and_the_single_teacher_rows():
     seeds = params.tables.table3.seeds
     assert len(rows) == 11 * len(seeds)  # Scratch + DTG-Net's ten rows
     table = stages["table3"]
-    assert len(table.deps) == len(rows)
+    probes = [f"results/runs/synth/probe_{t}/metrics.json" for t in ALL_TEACHERS]
+    assert len(table.deps) == len(rows) + 4 and all(p in table.deps for p in probes)
+    assert stages["probe_synth_bu101"].deps == ("data/shards/synth/", "data/features/synth/bu101/")
     for label, run in rows:
         finetune = stages[f"finetune_synth_{run.name}"]
         assert f"results/runs/synth/{run.name}/metrics.json" in table.deps

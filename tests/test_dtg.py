@@ -94,15 +94,40 @@ def test_queue_enqueue_wraps_around_and_starts_seeded():
     )
     initial = first.queue("bu").clone()
     batch1, batch2 = torch.full((3, 3), 1.0), torch.full((3, 3), 2.0)
-    first.enqueue({"bu": batch1})
+    first.enqueue({"bu": batch1}, torch.tensor([10, 11, 12]))
     assert first.queue_ptr.item() == 3
+    assert first.queue_videos.tolist() == [10, 11, 12, -1, -1]
     assert torch.equal(first.queue("bu")[:3], batch1) and torch.equal(
         first.queue("bu")[3:], initial[3:]
     )
-    first.enqueue({"bu": batch2})  # slots 3, 4, then 0
+    first.enqueue({"bu": batch2}, torch.tensor([20, 21, 22]))  # slots 3, 4, then 0
     assert first.queue_ptr.item() == 1
+    assert first.queue_videos.tolist() == [22, 11, 12, 20, 21]
     assert torch.equal(first.queue("bu")[[3, 4, 0]], batch2)
     assert torch.equal(first.queue("bu")[1:3], batch1[1:])
+
+
+def test_the_anchors_own_video_in_the_queue_is_not_a_negative():
+    anchor = F.normalize(torch.tensor([[1.0, 0.2], [0.3, 1.0]]), dim=1)
+    positive = F.normalize(torch.tensor([[0.9, 0.1], [0.1, 0.9]]), dim=1)
+    queue = F.normalize(torch.tensor([[0.9, 0.12], [-1.0, 0.5], [0.2, 1.0]]), dim=1)
+    same = torch.tensor([[True, False, False], [False, False, False]])  # entry 0: anchor 0's video
+    masked = info_nce(info_nce_logits(anchor, positive, queue, 0.1, same))
+    assert masked[0].item() == pytest.approx(info_nce(info_nce_logits(
+        anchor[:1], positive[:1], queue[1:], 0.1)).item(), rel=1e-6)  # fmt: skip
+    assert masked[1].item() == pytest.approx(
+        info_nce(info_nce_logits(anchor[1:], positive[1:], queue, 0.1)).item(), rel=1e-6
+    )
+    # In a step: the queue holds the batch's own videos' guidance from an earlier step; they are
+    # dropped from the denominators (a lower loss) exactly when their video ids match.
+    batch = guided_batch(batch_size=4, dims=(("bu", 6),))
+    losses = []
+    for videos in (batch["index"], batch["index"] + 100):
+        torch.manual_seed(0)
+        method = DTG(tiny_student(), teachers={"bu": 6}, queue_size=8)
+        method.enqueue({"bu": F.normalize(batch["guidance"]["bu"], dim=1)}, videos)
+        losses.append(method(batch).logs["loss_bu"].item())
+    assert losses[0] < losses[1]
 
 
 def test_offline_weights_reproduce_the_papers_vector():
@@ -129,6 +154,7 @@ def guided_batch(batch_size: int = 8, dims=(("bu", 6), ("places", 5)), seed: int
     return {
         "video": torch.randn(batch_size, 3, SEGMENTS, 32, 32, generator=generator),
         "label": torch.arange(batch_size) % 3,
+        "index": torch.arange(batch_size),
         "guidance": {name: torch.randn(batch_size, d, generator=generator) for name, d in dims},
     }
 
@@ -347,7 +373,7 @@ def pretrain(shard_dir, caches, run_dir, weighting: str, figure=None, **kwargs):
         weighting=weighting,
         offline_accuracies=kwargs.pop("offline_accuracies", None),
         model={"name": "r3d_18", **TINY_VIDEO_SETTINGS["r3d_18"]},
-        clips={"segments": SEGMENTS, "crop": 16, "guidance": "seq", "overlap": True},
+        clips={"segments": SEGMENTS, "crop": 16, "guidance": "seq", "overlap": True, "flip": False},
         dtg={
             "tau": 0.1,
             "queue_size": 6,

@@ -209,13 +209,17 @@ def check_dtg_table3(path: Path) -> pd.DataFrame:
     table = pd.read_csv(path)
     assert list(table["row"]) == [
         "Scratch", "ImageNet", "Places", "BU", "Stanford", "ImageNet+Places", "BU+Stanford",
-        "All", "All offline", "All online1", "All online2",
+        "All", "All offline", "All online1", "All online2", "Teacher probe: ImageNet",
+        "Teacher probe: Places", "Teacher probe: BU", "Teacher probe: Stanford",
     ]  # fmt: skip
-    for column in ("acc@1_mean", "acc@5_mean", "probe@1_mean"):
-        assert table[column].between(0, 100).all(), table[column]
+    assert table["probe@1_mean"].between(0, 100).all()
+    students = table[~table["row"].str.startswith("Teacher probe")]
+    for column in ("acc@1_mean", "acc@5_mean"):
+        assert students[column].between(0, 100).all(), students[column]
     assert table["acc@1_std"].isna().all()  # one seed: no spread is claimed
-    assert (table["acc@5_mean"] >= table["acc@1_mean"]).all()
-    assert (table["DataSize"] > 0).sum() == 10 and table.loc[0, "DataSize"] == 0
+    assert (students["acc@5_mean"] >= students["acc@1_mean"]).all()
+    assert (students["DataSize"] > 0).sum() == 10 and table.loc[0, "DataSize"] == 0
+    assert students["transfer"].iloc[1:].gt(0).all() and math.isnan(students["transfer"].iloc[0])
     offline = table.set_index("row").loc["All offline", "weights"]
     weights = [float(part.split()[1]) for part in offline.split(", ")]
     assert len(weights) == 4 and math.isclose(sum(weights), 1.0, abs_tol=0.01)

@@ -8,7 +8,7 @@ import pytest
 from pipeline.config import validate_params
 from pipeline.dag import ALL_TEACHERS, dtg_tables
 from pipeline.errors import DataError
-from pipeline.tables import _verdict, dtg_table, teacher_table
+from pipeline.tables import dtg_table, paired_verdict, teacher_table
 from tests.conftest import ROOT
 
 
@@ -57,6 +57,7 @@ def test_table3_rows_sizes_weights_and_verdicts(tmp_path):
     assert len(table) == 11 and (table["seeds"] == 3).all()
     assert table.loc["BU", "acc@1_mean"] == pytest.approx(41.0)
     assert table.loc["BU", "acc@1_std"] == pytest.approx(1.0)
+    assert table.loc["BU", "vs_Scratch"] == pytest.approx(20.0)
     assert table.loc["All", "DataSize"] == 100 + 200 + 300 + 400
     assert table.loc["Scratch", "DataSize"] == 0 and table.loc["Scratch", "teachers"] == "none"
     assert table.loc["ImageNet+Places", "weights"] == "imagenet 0.5, places 0.5"
@@ -75,11 +76,43 @@ def test_a_missing_run_is_an_error_not_a_skipped_row(tmp_path):
         dtg_table("table3", rows, run_dirs, teacher_dirs)
 
 
-def test_verdict_needs_two_seeds_and_twice_the_standard_error():
-    assert _verdict(5.0, 1.0, 1.0, 1, 3) == "one seed"
-    assert _verdict(5.0, 1.0, 1.0, 3, 3) == "yes"  # se = 0.82
-    assert _verdict(1.0, 1.0, 1.0, 3, 3) == "within noise"
-    assert _verdict(-5.0, 1.0, 1.0, 3, 3) == "no"
+def test_paired_verdict_is_a_paired_t_test_over_seeds():
+    assert paired_verdict([5.0]) == "one seed"
+    assert paired_verdict([5.0, 6.0, 4.0]) == "yes"  # mean 5, se 0.58: t 8.7 > 4.30
+    assert paired_verdict([1.0, 3.0, -1.0]) == "within noise"  # t 0.87
+    assert paired_verdict([5.0, 1.0, 0.5]) == "within noise"  # t 1.9: two SE is not enough
+    assert paired_verdict([-5.0, -6.0, -4.0]) == "no"
+
+
+def test_paired_comparison_resolves_what_independent_spreads_cannot(tmp_path):
+    # Seeds move both rows together (seed 2 is a hard seed): the spread over seeds is 10 points,
+    # the per-seed gain a steady 2.
+    rows = dtg_tables(_params([0, 1, 2]))["table3"]
+    run_dirs, teacher_dirs = _fake_runs(
+        tmp_path, rows, lambda label, seed: 0.2 + 0.1 * seed + (0.02 if label == "BU" else 0.0)
+    )
+    table = dtg_table("table3", rows, run_dirs, teacher_dirs).set_index("row")
+    assert table.loc["BU", "acc@1_std"] == pytest.approx(10.0)
+    assert table.loc["BU", "vs_Scratch"] == pytest.approx(2.0)
+    assert table.loc["BU", "vs_Scratch_se"] == pytest.approx(0.0, abs=1e-9)
+    assert table.loc["BU", "beats_Scratch"] == "yes"
+    assert table.loc["Places", "beats_Scratch"] == "within noise"
+
+
+def test_teacher_probe_rows_and_transfer(tmp_path):
+    rows = dtg_tables(_params([0, 1]))["table3"]
+    run_dirs, teacher_dirs = _fake_runs(tmp_path, rows, lambda label, seed: 0.2)
+    probes = {}
+    for value, name in zip((10.0, 15.0, 40.0, 20.0), ALL_TEACHERS, strict=True):
+        probes[name] = tmp_path / "probes" / name
+        _write(probes[name], {"test": {"top1": value}})
+    table = dtg_table("table3", rows, run_dirs, teacher_dirs, probes).set_index("row")
+    assert table.loc["Teacher probe: BU", "probe@1_mean"] == 40.0
+    assert np.isnan(table.loc["Teacher probe: BU", "acc@1_mean"])
+    assert table.loc["BU", "probe@1_mean"] == pytest.approx(10.0)  # 50 * top1
+    assert table.loc["BU", "transfer"] == pytest.approx(10.0 / 40.0)
+    assert table.loc["ImageNet+Places", "transfer"] == pytest.approx(10 / 15, abs=1e-3)  # best
+    assert np.isnan(table.loc["Scratch", "transfer"])
 
 
 def test_teachers_table(tmp_path):

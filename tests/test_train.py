@@ -254,18 +254,23 @@ def test_checkpoint_with_code_payload_is_refused(tmp_path):
     assert not marker.exists()
 
 
-def test_lr_factor_schedules_with_warmup():
-    def factors(epochs, **kw):
-        return [lr_factor(e, epochs=epochs, **kw) for e in range(epochs)]
+def test_lr_factor_moves_every_step_with_warmup():
+    def factors(epochs, steps=2, **kw):
+        return [
+            lr_factor(step, steps_per_epoch=steps, epochs=epochs, **kw)
+            for step in range(epochs * steps)
+        ]
 
+    # step: warm-up over 2 epochs of 2 steps, then x0.1 at epochs 3 and 5
     assert factors(6, schedule="step", milestones=(3, 5), gamma=0.1, warmup_epochs=2) == (
-        pytest.approx([0.5, 1.0, 1.0, 0.1, 0.1, 0.01])
+        pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0, 0.1, 0.1, 0.1, 0.1, 0.01, 0.01])
     )
-    assert factors(5, schedule="cosine", warmup_epochs=1) == pytest.approx(
-        [1.0, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))]
-    )
-    assert factors(5, schedule="constant", warmup_epochs=4) == [0.25, 0.5, 0.75, 1.0, 1.0]
-    assert factors(3, schedule="plateau", warmup_epochs=2) == [0.5, 1.0, None]
+    # one warm-up epoch is not a no-op: it ramps over that epoch's steps
+    cosine = factors(3, steps=4, schedule="cosine", warmup_epochs=1)
+    assert cosine[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert cosine[4:] == pytest.approx([0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)])
+    assert factors(3, steps=1, schedule="constant", warmup_epochs=2) == [0.5, 1.0, 1.0]
+    assert factors(2, steps=1, schedule="plateau", warmup_epochs=1) == [1.0, None]
 
 
 def test_fit_applies_step_schedule_with_warmup(tmp_path):
@@ -342,7 +347,7 @@ def test_amp_on_cpu_trains_and_checkpoints_scaler(tmp_path, amp):
     spec = TrainSpec(epochs=1, lr=0.05, amp=amp, channels_last=True, device="cpu")
     metrics = _run(tmp_path / "run", spec, train_set=Clips(8))
     assert math.isfinite(metrics["last_epoch"]["train_loss"])
-    assert metrics["amp"] == amp and metrics["channels_last"] is False  # CPU ignores it
+    assert metrics["amp"] == amp and metrics["channels_last"] is True
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
     assert (ckpt["scaler"] is not None) == (amp == "fp16")
 

@@ -12,15 +12,21 @@ Choices where the paper is silent (FACTS.md "DTG-Net"), all exposed as arguments
 - Projection: the student's pooled feature (feature_dim) goes through one head per teacher into
   that teacher's embedding space (its D_k), so a_k . g_k compares like with like. The head is
   MoCo v2's: Linear(feature_dim, proj_hidden), ReLU, Linear(proj_hidden, D_k); proj_hidden=0 gives
-  a single Linear. The heads are part of the method, not of the student: model.pt (what
+  a single Linear (params.yaml's choice: on the synthetic world it reached a lower loss and a
+  better student than the MLP in the same steps, README "DTG-Net: levers"). The heads are part of the method, not of the student: model.pt (what
   fine-tuning starts from) holds the backbone only.
 - Queue: K = queue_size per teacher (default 512, as the quick prototype in FACTS.md), filled at
   construction with seeded, L2-normalised Gaussian vectors (MoCo does the same): until real
   guidance replaces them (after K / batch steps) they are easy negatives, and the first losses
   are of the order of log(K + 1). Each step enqueues the batch's guidance
   (after the loss, all ranks' guidance under DDP, as MoCo's concat_all_gather), overwriting the
-  oldest entries (a ring buffer with a pointer).
-- tau = 0.1 by default (prototype; MoCo v2 uses 0.2, InfoNCE papers 0.07-0.2).
+  oldest entries (a ring buffer with a pointer). The paper requires K < N so that the queue never
+  holds the anchor's own video; with shuffled epochs it still does (measured: 12.8% of anchors
+  at each epoch start with K 512 of N 1,080; supervised DTG on 181 labeled videos holds about
+  2.5 copies of each). So the queue also keeps each entry's video (the batch's "index") and an
+  anchor's own video is masked out of its negatives: with the mask, any K is correct.
+- tau: params.yaml uses 0.07 (MoCo's, RSPNet's), chosen among 0.05-0.5 on validation; the
+  default argument here is the prototype's 0.1.
 - Weightings (the paper names them; the formulas for the online ones are ours):
   "equal"   w_k = 1/N.
   "offline" fixed weights = softmax of the single-teacher runs' top-1 accuracies in percent
@@ -67,11 +73,21 @@ def offline_weights(accuracies: Sequence[float]) -> np.ndarray:
 
 
 def info_nce_logits(
-    anchor: torch.Tensor, positive: torch.Tensor, queue: torch.Tensor, tau: float
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    queue: torch.Tensor,
+    tau: float,
+    same_video: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(B, 1 + K) logits [a . g+, a . q_1, ..., a . q_K] / tau; column 0 is the positive pair."""
+    """(B, 1 + K) logits [a . g+, a . q_1, ..., a . q_K] / tau; column 0 is the positive pair.
+
+    same_video: (B, K) bool, True where queue entry k came from the anchor's own video: such an
+    entry is the positive again, not a negative, and is left out (logit -inf)."""
     positive_logit = (anchor * positive).sum(dim=1, keepdim=True)
-    return torch.cat([positive_logit, anchor @ queue.T], dim=1) / tau
+    negatives = anchor @ queue.T
+    if same_video is not None:
+        negatives = negatives.masked_fill(same_video, float("-inf"))
+    return torch.cat([positive_logit, negatives], dim=1) / tau
 
 
 def info_nce(logits: torch.Tensor) -> torch.Tensor:
@@ -122,8 +138,9 @@ class DTG(Method):
     weighting: one of WEIGHTINGS; "offline" needs `fixed_weights` (name -> weight, e.g. from
     `offline_weights`). supervised: add beta * CE on `model.fc`'s logits (the model needs a
     classifier) to alpha * the contrastive loss. trace_steps: rows of the per-step weight record
-    (0: none). Batches hold "video" (B, C, T, H, W) and "guidance" {name: (B, D_k)} (and "label"
-    when supervised), as pipeline.data.guided.GuidedClipDataset gives them.
+    (0: none). Batches hold "video" (B, C, T, H, W), "index" (B,) the videos' manifest rows and
+    "guidance" {name: (B, D_k)} (and "label" when supervised), as
+    pipeline.data.guided.GuidedClipDataset gives them.
     """
 
     def __init__(
@@ -193,6 +210,8 @@ class DTG(Method):
         for name, dim in teachers.items():
             queue = F.normalize(torch.randn(queue_size, dim, generator=generator), dim=1)
             self.register_buffer(f"queue_{name}", queue)
+        # The manifest row of each queue entry's video (-1: an initial random entry).
+        self.register_buffer("queue_videos", torch.full((queue_size,), -1, dtype=torch.long))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("fixed_weights", torch.tensor(weights, dtype=torch.float32))
         self.register_buffer("weight_trace", torch.zeros(trace_steps, len(names)))
@@ -203,16 +222,17 @@ class DTG(Method):
         return getattr(self, f"queue_{name}")
 
     @torch.no_grad()
-    def enqueue(self, guidance: Mapping[str, torch.Tensor]) -> None:
-        """Write a batch of normalised guidance (all ranks') over the oldest queue entries."""
+    def enqueue(self, guidance: Mapping[str, torch.Tensor], videos: torch.Tensor) -> None:
+        """Write a batch of normalised guidance and its videos' manifest rows (all ranks') over
+        the oldest queue entries."""
         # Tensor arithmetic on the pointer: no host-device sync per step (the trainer avoids them).
-        count = 0
+        videos = gather_across_ranks(videos.to(self.queue_videos.device))[-self.queue_size :]
+        slots = (self.queue_ptr + torch.arange(len(videos), device=videos.device)) % self.queue_size
         for name in self.teachers:
             keys = gather_across_ranks(guidance[name].detach())[-self.queue_size :]
-            count = len(keys)
-            slots = (self.queue_ptr + torch.arange(count, device=keys.device)) % self.queue_size
             self.queue(name).index_copy_(0, slots, keys.to(self.queue(name).dtype))
-        self.queue_ptr.add_(count).remainder_(self.queue_size)
+        self.queue_videos.index_copy_(0, slots, videos)
+        self.queue_ptr.add_(len(videos)).remainder_(self.queue_size)
 
     def teacher_weights(
         self, positive_similarity: torch.Tensor, ranks: torch.Tensor
@@ -229,6 +249,8 @@ class DTG(Method):
         if missing:
             raise KeyError(f"batch has no guidance for teachers {missing}")
         features = self.model.features(batch["video"])
+        videos = batch["index"].to(features.device)
+        same_video = videos[:, None] == self.queue_videos[None, :]
         losses, similarities, ranks, normalised = [], [], [], {}
         # The contrastive part in float32: under autocast, bf16 logits / tau lose the small
         # differences between similarities that the loss is about.
@@ -238,7 +260,9 @@ class DTG(Method):
                 guide = batch["guidance"][name].to(anchor.device, non_blocking=True).float()
                 guide = F.normalize(guide, dim=1)
                 # clone: enqueue below overwrites the queue that backward still needs
-                logits = info_nce_logits(anchor, guide, self.queue(name).clone(), self.tau)
+                logits = info_nce_logits(
+                    anchor, guide, self.queue(name).clone(), self.tau, same_video
+                )
                 losses.append(info_nce(logits))
                 similarities.append(logits[:, 0].detach() * self.tau)
                 ranks.append(positive_rank(logits.detach()))
@@ -246,7 +270,7 @@ class DTG(Method):
             losses = torch.stack(losses, dim=1)  # (B, N)
             weights = self.teacher_weights(torch.stack(similarities, 1), torch.stack(ranks, 1))
             contrastive = (weights.detach() * losses).sum(dim=1).mean()
-        self.enqueue(normalised)
+        self.enqueue(normalised, videos)
         mean_weights = weights.detach().mean(dim=0)
         self._record(mean_weights)
         logs = {"ct": contrastive.detach()}

@@ -451,3 +451,37 @@ def cache_keys(caches: Mapping[str, str | os.PathLike], teachers: Sequence[str])
         except (OSError, json.JSONDecodeError, KeyError) as err:
             raise DataError(f"{path}: cannot read the cache key ({err})") from err
     return keys
+
+
+def video_embeddings(cache: FeatureCache, rows: Sequence[int], num_frames: Sequence[int]):
+    """(len(rows), D) float32: each video's teacher embedding averaged over all its frames."""
+    return np.stack(
+        [
+            np.asarray(cache.read(int(row), np.arange(int(n)))["embedding"], np.float32).mean(0)
+            for row, n in zip(rows, num_frames, strict=True)
+        ]
+    )
+
+
+def probe_teacher(
+    cache_dir: Path, shard_dir: Path, *, split: int, val_fraction: float, labeled_percent: int
+) -> dict:
+    """The linear probe of a teacher's cached video-level features, fitted on the same labeled
+    training videos a fine-tuned student gets (pipeline.finetune.split_rows) and scored on the
+    validation carve and the test split, in percent: the reference for what a student guided by
+    this teacher could hold."""
+    from pipeline.evaluate import linear_probe
+    from pipeline.finetune import split_rows
+
+    cache = FeatureCache(cache_dir, shard_dir)
+    manifest = _read_manifest(shard_dir)
+    rows = split_rows(manifest, f"split{split}", val_fraction, 0, labeled_percent)
+    labels = manifest["label"].to_numpy()
+    data = {
+        part: (video_embeddings(cache, idx, manifest["num_frames"].iloc[idx]), labels[idx])
+        for part, idx in rows.items()
+    }
+    return {
+        part: linear_probe(data["train"], data[part]) | {"videos": len(data[part][1])}
+        for part in ("val", "test")
+    } | {"feature_dim": int(cache.feature_dim), "frames": "all, averaged per video"}
