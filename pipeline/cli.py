@@ -37,6 +37,50 @@ def _declared(stage_name: str) -> DeclaredParams:
     return _stage(stage_name)[2]
 
 
+def run_identity(stage, all_params) -> dict:
+    """Everything a resumable stage's result depends on, to key its run (pipeline.train.run_key):
+    the declared params' values, the sha256 of its declared code and a key of each input (shards:
+    their shard keys; a feature cache: its key; a file: its sha256; another folder: its file
+    names and sizes). A rerun after a re-ingest, a rebuilt cache, a new init checkpoint or a code
+    change starts afresh instead of resuming the old run."""
+    import hashlib
+
+    from pipeline.config import lookup
+    from pipeline.io import file_sha256
+
+    code = hashlib.sha256()
+    for path in sorted(stage.code):
+        code.update(f"{path}\0{file_sha256(path)}\n".encode())
+    return {
+        "params": {key: lookup(all_params, key) for key in stage.params},
+        "code": code.hexdigest(),
+        "inputs": {dep: _input_key(Path(dep)) for dep in stage.deps},
+    }
+
+
+def _input_key(path: Path) -> str:
+    import hashlib
+
+    from pipeline.io import file_sha256
+
+    if path.is_file():
+        return file_sha256(path)
+    if (path / "manifest.parquet").is_file():
+        from pipeline.teachers.features import shard_keys
+
+        return hashlib.sha256(" ".join(shard_keys(path)[0]).encode()).hexdigest()
+    if (path / "cache.json").is_file():
+        from pipeline.teachers.features import read_summary
+
+        return str(read_summary(path)["key"])
+    if not path.is_dir():
+        raise DataError(f"{path}: input missing: run the stage that makes it")
+    listing = sorted(
+        f"{p.relative_to(path)} {p.stat().st_size}" for p in path.rglob("*") if p.is_file()
+    )
+    return hashlib.sha256("\n".join(listing).encode()).hexdigest()
+
+
 def cmd_synth(args) -> None:
     params = _declared("synth")
     from pipeline.data import synth
@@ -88,31 +132,48 @@ def cmd_data_report(args) -> None:
 
 
 def cmd_train(args) -> None:
+    import dataclasses
+
     from pipeline.dag import RunSpec, run_dir, train_stage
+    from pipeline.locks import hold
 
     run = RunSpec(args.method, args.seed, args.augment, args.tau, args.lam)
+    if args.init is not None:
+        from pipeline.io import file_sha256
+
+        # The init checkpoint names the run: an ad-hoc run never writes into a table's run.
+        run = dataclasses.replace(run, init=file_sha256(_checkpoint_file(args.init))[:12])
     # Built from the arguments, not looked up: a run outside every table (an ablation) works too.
     stage = train_stage(args.dataset, run)
     all_params = load_params()
     params = DeclaredParams(all_params, stage.params)
-    from pipeline.config import lookup
     from pipeline.finetune import ClipSpec, train_run
 
-    declared = {key: lookup(all_params, key) for key in stage.params}
-    train_run(
-        Path(f"data/shards/{args.dataset}"),
-        Path(run_dir(args.dataset, run.name)),
-        run=run,
-        split=params.datasets[args.dataset].split,
-        clips=ClipSpec(**params.clips.model_dump()),
-        model=params.model.model_dump(),
-        train=params.train.model_dump(),
-        augment=params.augment.model_dump() if run.augment else None,
-        selfkd=params.selfkd if run.method == "selfkd" else None,
-        threads=args.threads,
-        params=declared,
-        init=args.init,
-    )
+    out = Path(run_dir(args.dataset, run.name))
+    with hold(out):
+        train_run(
+            Path(f"data/shards/{args.dataset}"),
+            out,
+            run=run,
+            split=params.datasets[args.dataset].split,
+            clips=ClipSpec(**params.clips.model_dump()),
+            model=params.model.model_dump(),
+            train=params.train.model_dump(),
+            augment=params.augment.model_dump() if run.augment else None,
+            selfkd=params.selfkd if run.method == "selfkd" else None,
+            threads=args.threads,
+            params=run_identity(stage, all_params),
+            init=args.init,
+        )
+
+
+def _checkpoint_file(path: Path) -> Path:
+    """`path` if it is a file; a one-line DataError if it is missing or a folder."""
+    if not path.exists():
+        raise DataError(f"{path}: no such checkpoint file")
+    if not path.is_file():
+        raise DataError(f"{path}: is a folder, not a checkpoint file (model.pt)")
+    return path
 
 
 def cmd_table(args) -> None:
@@ -136,19 +197,23 @@ def cmd_table(args) -> None:
 
 
 def cmd_teacher(args) -> None:
-    _, all_params, params = _stage(f"teacher_{args.name}")
+    stage, all_params, params = _stage(f"teacher_{args.name}")
     from pipeline.dag import teacher_dir, teacher_images
+    from pipeline.locks import hold
     from pipeline.teachers.make import make_teacher
 
-    make_teacher(
-        args.name,
-        params.teachers[args.name].model_dump(),
-        synthetic=params.teachers.synthetic.model_dump(),
-        images=Path(teacher_images(all_params, args.name)),
-        out_dir=Path(teacher_dir(args.name)),
-        init=Path(teacher_dir("imagenet")) / "model.pt",
-        threads=args.threads,
-    )
+    out = Path(teacher_dir(args.name))
+    with hold(out):
+        make_teacher(
+            args.name,
+            params.teachers[args.name].model_dump(),
+            synthetic=params.teachers.synthetic.model_dump(),
+            images=Path(teacher_images(all_params, args.name)),
+            out_dir=out,
+            init=Path(teacher_dir("imagenet")) / "model.pt",
+            threads=args.threads,
+            identity=run_identity(stage, all_params),
+        )
 
 
 def cmd_features(args) -> None:
@@ -197,7 +262,6 @@ def _trainer_fields(section) -> dict:
 
 
 def cmd_pretrain(args) -> None:
-    from pipeline.config import lookup
     from pipeline.dag import DTGRun, features_dir, pretrain_stage, run_dir, single_finetunes
 
     run = DTGRun(
@@ -213,7 +277,7 @@ def cmd_pretrain(args) -> None:
     # Built from the arguments, not looked up: a run outside every table (an ablation) works too.
     stage = pretrain_stage(all_params, args.dataset, run)
     params = DeclaredParams(all_params, stage.params)
-    declared = {key: lookup(all_params, key) for key in stage.params}
+    from pipeline.locks import hold
     from pipeline.pretrain import pretrain_dtg, single_teacher_accuracies
 
     dtg = params.dtg
@@ -224,47 +288,42 @@ def cmd_pretrain(args) -> None:
             {t: Path(run_dir(args.dataset, name)) for t, name in singles}, dtg.offline_from
         )
     online = run.weighting.startswith("online")
-    pretrain_dtg(
-        shard_dir=Path(f"data/shards/{args.dataset}"),
-        caches={t: Path(features_dir(args.dataset, t)) for t in run.teachers},
-        run_dir=Path(run_dir(args.dataset, run.name)),
-        split=params.datasets[args.dataset].split,
-        teachers=run.teachers,
-        weighting="equal" if run.weighting == "single" else run.weighting,
-        offline_accuracies=accuracies,
-        model=dtg.students[run.student].model_dump(),
-        clips={
-            "segments": 1 if run.anchor == "img" else dtg.segments,
-            "crop": dtg.crop,
-            "guidance": run.guidance,
-            "overlap": run.overlap,
-            "flip": dtg.anchor_flip,
-        },
-        dtg={
-            "tau": dtg.tau,
-            "queue_size": dtg.queue_size,
-            "proj_hidden": dtg.proj_hidden,
-            **(
-                {
-                    "online1_temperature": dtg.online1_temperature,
-                    "online2_temperature": dtg.online2_temperature,
-                }
-                if online
-                else {}
-            ),
-        },
-        train=_trainer_fields(dtg.pretrain),
-        seed=run.seed,
-        threads=args.threads,
-        params=declared,
-        figure=Path(f"results/figures/{run.name}_weights.png") if online else None,
-    )
+    out = Path(run_dir(args.dataset, run.name))
+    clips = {
+        "segments": 1 if run.anchor == "img" else dtg.segments,
+        "crop": dtg.crop,
+        "guidance": run.guidance,
+        "overlap": run.overlap,
+        "flip": dtg.anchor_flip,
+    }
+    method = {"tau": dtg.tau, "queue_size": dtg.queue_size, "proj_hidden": dtg.proj_hidden}
+    if online:
+        method["online1_temperature"] = dtg.online1_temperature
+        method["online2_temperature"] = dtg.online2_temperature
+    with hold(out):
+        pretrain_dtg(
+            shard_dir=Path(f"data/shards/{args.dataset}"),
+            caches={t: Path(features_dir(args.dataset, t)) for t in run.teachers},
+            run_dir=out,
+            split=params.datasets[args.dataset].split,
+            teachers=run.teachers,
+            weighting="equal" if run.weighting == "single" else run.weighting,
+            offline_accuracies=accuracies,
+            model=dtg.students[run.student].model_dump(),
+            clips=clips,
+            dtg=method,
+            train=_trainer_fields(dtg.pretrain),
+            seed=run.seed,
+            threads=args.threads,
+            params=run_identity(stage, all_params),
+            figure=Path(f"results/figures/{run.name}_weights.png") if online else None,
+        )
 
 
 def cmd_finetune(args) -> None:
-    from pipeline.config import lookup
     from pipeline.dag import FinetuneRun, RunSpec, features_dir, run_dir, teacher_dir
     from pipeline.finetune import ClipSpec, train_run
+    from pipeline.locks import hold
 
     teachers = tuple(args.guided_by.split(",")) if args.guided_by else ()
     run = FinetuneRun(
@@ -273,7 +332,6 @@ def cmd_finetune(args) -> None:
     # A pretrained run is named by its pretraining run (FinetuneRun.name for a DTGRun).
     name = f"ft_{args.pretrained}" if args.pretrained else run.name
     stage, all_params, params = _stage(f"finetune_{args.dataset}_{name}")
-    declared = {key: lookup(all_params, key) for key in stage.params}
     dtg = params.dtg
     guided = None
     if args.guided_by:
@@ -289,24 +347,28 @@ def cmd_finetune(args) -> None:
             "queue_size": dtg.queue_size,
             "proj_hidden": dtg.proj_hidden,
         }
-    train_run(
-        Path(f"data/shards/{args.dataset}"),
-        Path(run_dir(args.dataset, name)),
-        run=RunSpec("supervised", args.seed, augment=False),
-        split=params.datasets[args.dataset].split,
-        clips=ClipSpec(**dtg.finetune_clips.model_dump()),
-        model=dtg.students[args.student].model_dump(),
-        train=dtg.finetune.model_dump(),
-        augment=None,
-        threads=args.threads,
-        params=declared,
-        init=Path(run_dir(args.dataset, args.pretrained)) / "model.pt" if args.pretrained else None,
-        init_teacher=Path(teacher_dir(args.init_teacher)) / "model.pt"
-        if args.init_teacher
-        else None,
-        labeled_percent=dtg.labeled_percent,
-        guided=guided,
-    )
+    out = Path(run_dir(args.dataset, name))
+    with hold(out):
+        train_run(
+            Path(f"data/shards/{args.dataset}"),
+            out,
+            run=RunSpec("supervised", args.seed, augment=False),
+            split=params.datasets[args.dataset].split,
+            clips=ClipSpec(**dtg.finetune_clips.model_dump()),
+            model=dtg.students[args.student].model_dump(),
+            train=dtg.finetune.model_dump(),
+            augment=None,
+            threads=args.threads,
+            params=run_identity(stage, all_params),
+            init=Path(run_dir(args.dataset, args.pretrained)) / "model.pt"
+            if args.pretrained
+            else None,
+            init_teacher=Path(teacher_dir(args.init_teacher)) / "model.pt"
+            if args.init_teacher
+            else None,
+            labeled_percent=dtg.labeled_percent,
+            guided=guided,
+        )
 
 
 def _teachers_table() -> None:

@@ -4,6 +4,8 @@ Every reader (the Snakefile, each stage command, the dvc.yaml generator) calls `
 bad value fails the same way everywhere: one line naming the dotted key, exit code 2, before work.
 """
 
+import json
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -258,6 +260,15 @@ class Params(Section):
         if self.dataset not in self.datasets:
             known = ", ".join(sorted(self.datasets))
             raise ValueError(f"dataset '{self.dataset}' is not a key of datasets ({known})")
+        synthetic_images = [
+            name for name, teacher in self.teachers if isinstance(teacher, TeacherParams)
+            and not teacher.images and teacher.source in ("synthetic", "finetune")
+        ]  # fmt: skip
+        if "synth" not in self.datasets and synthetic_images:
+            raise ValueError(
+                f"datasets.synth is missing, but teachers {synthetic_images} train on the "
+                "synthetic world's images (teachers.<name>.images is empty)"
+            )
         budget = self.dtg.labeled_percent
         if budget != 100 and budget not in self.ingest.percents:
             raise ValueError(
@@ -272,9 +283,14 @@ def _dotted(loc: tuple) -> str:
 
 
 def validate_params(raw: dict) -> Params:
-    """Validate a params dict; raise ConfigError naming the first bad dotted key."""
+    """Validate a params dict; raise ConfigError naming the first bad dotted key.
+
+    Strict about types: "4" is no int, "yes" no bool, 4 no str (an int is a float, though), where
+    pydantic's default would coerce them. Validated as JSON, whose strict mode takes lists for
+    tuples (YAML has no tuples); values JSON lacks (a YAML date) are passed as their text.
+    """
     try:
-        return Params.model_validate(raw)
+        return Params.model_validate_json(json.dumps(raw, default=str), strict=True)
     except ValidationError as err:
         first = err.errors()[0]
         loc = first["loc"]
@@ -286,12 +302,24 @@ def validate_params(raw: dict) -> Params:
         raise ConfigError(f"params: {_dotted(loc)}: {message}") from None
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, with YAML 1.2's floats: `1e-3` is a float (as DVC's ruamel reads
+    params.yaml), not the string PyYAML's YAML 1.1 makes of it, which the strict schema refuses."""
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def load_params(path: str | Path = PARAMS_FILE) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params: file {path} not found (run from the project root)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=ParamsLoader)
     except yaml.YAMLError as err:
         raise ConfigError(f"params: {path} is not valid YAML: {err}") from None
     if not isinstance(raw, dict):

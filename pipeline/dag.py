@@ -52,11 +52,12 @@ def data_stages(params: Params) -> list[Stage]:
     dataset = params.dataset
     raw = params.datasets[dataset].raw.rstrip("/") + "/"
     stages = []
-    synth_raw = params.datasets["synth"].raw.rstrip("/") + "/"
+    synth = params.datasets.get("synth")  # absent on a real-data setup (config checks the need)
+    synth_raw = synth.raw.rstrip("/") + "/" if synth else None
     # The synthetic world's parts as separate outputs: each consumer depends on (and both tools
     # hash) only the part it reads, which keeps the up-to-date check of the whole DAG fast.
     synth_lists = (f"{synth_raw}videos/", f"{synth_raw}ucfTrainTestlist/")
-    if dataset == "synth" or uses_synthetic_images(params):
+    if synth and (dataset == "synth" or uses_synthetic_images(params)):
         images = tuple(f"{synth_raw}images/{name}/" for name in TEACHER_IMAGE_SETS.values())
         stages.append(
             Stage(
@@ -111,12 +112,15 @@ class RunSpec:
     augment: bool  # the video-consistent augmentation set (Teaching Yourself's "+ Data Aug")
     tau: float = 0.0  # selfkd only
     lam: float = 0.0  # selfkd only
+    init: str = ""  # sha256 prefix of the checkpoint an ad-hoc run starts from ("" = random)
 
     @property
     def name(self) -> str:
         if self.method == "selfkd":
-            return f"selfkd_t{_num(self.tau)}_l{_num(self.lam)}_s{self.seed}"
-        return f"{'aug' if self.augment else 'baseline'}_s{self.seed}"
+            name = f"selfkd_t{_num(self.tau)}_l{_num(self.lam)}_s{self.seed}"
+        else:
+            name = f"{'aug' if self.augment else 'baseline'}_s{self.seed}"
+        return f"{name}_init-{self.init}" if self.init else name
 
     @property
     def args(self) -> str:

@@ -19,6 +19,7 @@ from pipeline.data.augment import VideoAugment
 from pipeline.data.clips import ClipDataset
 from pipeline.data.guided import GuidedClipDataset
 from pipeline.data.samplers import DenseSampler, UniformClipsSampler
+from pipeline.data.shards import read_manifest
 from pipeline.data.splits import carve_validation
 from pipeline.errors import DataError
 from pipeline.evaluate import calibrate_batchnorm, confusion_figure, evaluate, linear_probe
@@ -80,7 +81,12 @@ def load_teacher_init(network: torch.nn.Module, path: Path) -> None:
 
 def load_init(network: torch.nn.Module, path: Path) -> None:
     """Start `network` from a model.pt; a classifier of another shape stays freshly initialised."""
-    load_backbone(network, load_checkpoint(path)["model"], path)
+    checkpoint = load_checkpoint(path)
+    if not isinstance(checkpoint, dict) or "model" not in checkpoint:
+        teacher = isinstance(checkpoint, dict) and "format" in checkpoint
+        kind = "a teacher checkpoint: use --init-teacher" if teacher else "no weights"
+        raise DataError(f"{path}: not a run's model.pt ({kind})")
+    load_backbone(network, checkpoint["model"], path)
 
 
 def load_backbone(network: torch.nn.Module, state: dict, path: Path) -> None:
@@ -167,7 +173,7 @@ def test_features(
 ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """A trained run's pooled test-split features (views averaged), labels and class names."""
     torch.set_num_threads(threads)
-    manifest = pd.read_parquet(shard_dir / "manifest.parquet")
+    manifest = read_manifest(shard_dir)
     rows = np.flatnonzero((manifest[f"split{split}"] == "test").to_numpy())
     network = build_video_model(num_classes=int(manifest["label"].max()) + 1, **model)
     load_init(network, model_path)
@@ -220,7 +226,7 @@ def train_run(
     spec = TrainSpec(**train, seed=run.seed, threads=threads)
     torch.set_num_threads(threads)
     split_col = f"split{split}"
-    manifest = pd.read_parquet(shard_dir / "manifest.parquet")
+    manifest = read_manifest(shard_dir)
     # One validation carve for every run and seed, so runs differ only in what they declare.
     rows = split_rows(manifest, split_col, val_fraction, seed=0, labeled_percent=labeled_percent)
     num_classes = int(manifest["label"].max()) + 1

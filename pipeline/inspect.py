@@ -3,6 +3,10 @@
 Each artifact kind is a (kind, recognises, describe) entry in `DESCRIBERS`; `describe` uses the
 first entry that recognises the path. A later stage adds its artifact kind (a run dir, a feature
 cache) by appending an entry, without touching the others.
+
+Shard folders and feature caches are verified: every frame and cached output is read, so one that
+fails its checksum is reported (measured: 0.75 s for the default world's 442 MB of raw shards when
+they are in the page cache; reading them from disk takes what the disk takes).
 """
 
 import collections
@@ -15,7 +19,14 @@ from typing import NamedTuple
 import h5py
 import pandas as pd
 
-from pipeline.data.shards import shard_path
+from pipeline.data.shards import (
+    FRAME_CRC32,
+    MANIFEST,
+    corrupt_jpeg_rows,
+    corrupt_rows,
+    read_manifest,
+    shard_path,
+)
 from pipeline.errors import DataError
 
 WIDTH = 100
@@ -66,7 +77,7 @@ def _counts(counter: dict) -> list[str]:
 
 
 def _is_shard_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "manifest.parquet").is_file()
+    return path.is_dir() and (path / MANIFEST).is_file()
 
 
 def _is_incomplete_shard_folder(path: Path) -> bool:
@@ -74,7 +85,7 @@ def _is_incomplete_shard_folder(path: Path) -> bool:
 
 
 def describe_shards(shard_dir: Path) -> str:
-    manifest = pd.read_parquet(shard_dir / "manifest.parquet")
+    manifest = read_manifest(shard_dir)
     shards, problems = _shard_attrs(shard_dir, manifest)
     codecs = sorted({str(attrs.get("codec")) for attrs in shards.values()})
     datasets = sorted({str(attrs.get("dataset")) for attrs in shards.values()})
@@ -138,10 +149,11 @@ def _shard_attrs(shard_dir: Path, manifest: pd.DataFrame) -> tuple[dict[int, dic
                 shards[number] = dict(file.attrs)
                 frames = file.get("frames")
                 videos = manifest[manifest["shard"] == number]
-                stored, layout = 0, None
+                stored, layout, corrupt = 0, None, []
                 if frames is not None:
                     stored = len(frames)  # the first axis in either layout
                     layout = _layout_problem(frames, file.attrs.get("codec"), videos)
+                    corrupt = _corrupt_frames(file, frames)
         except (OSError, KeyError) as err:
             problems.append(f"{path.name} unreadable ({err}); the manifest points into it")
             continue
@@ -149,7 +161,31 @@ def _shard_attrs(shard_dir: Path, manifest: pd.DataFrame) -> tuple[dict[int, dic
             problems.append(f"{path.name} holds {stored} frames, the manifest needs {ends[number]}")
         if layout:
             problems.append(f"{path.name} {layout}")
+        if corrupt:
+            problems.append(
+                f"{path.name} has {len(corrupt)} corrupt frames (checksum mismatch): "
+                f"{_frames_of_videos(corrupt, videos)}; rerun ingest"
+            )
     return shards, problems
+
+
+def _corrupt_frames(file: h5py.File, frames: h5py.Dataset) -> list[int]:
+    """Rows of `frames` that fail their checksum (shards of an older ingest have none)."""
+    if FRAME_CRC32 in file:
+        return corrupt_jpeg_rows(frames, file[FRAME_CRC32])
+    return corrupt_rows(frames) if frames.fletcher32 else []
+
+
+def _frames_of_videos(rows: list[int], videos: pd.DataFrame) -> str:
+    """Shard rows as '<video> frames a, b' for the first few videos that hold them."""
+    held = []
+    for video in videos.sort_values("offset").itertuples():
+        frames = [row - video.offset for row in rows if 0 <= row - video.offset < video.num_frames]
+        if frames:
+            held.append(f"{video.path} frames {', '.join(map(str, frames))}")
+    if len(held) > EXAMPLES:
+        held = [*held[:EXAMPLES], f"... {len(held) - EXAMPLES} more videos"]
+    return "; ".join(held) or f"rows {', '.join(map(str, rows))} (no video holds them)"
 
 
 def _layout_problem(frames: h5py.Dataset, codec: str, videos: pd.DataFrame) -> str | None:
@@ -293,7 +329,9 @@ def _is_incomplete_feature_cache(path: Path) -> bool:
 
 def describe_feature_cache(cache_dir: Path) -> str:
     """A teacher's feature cache: what it was built from, and its datasets' sizes."""
-    summary = json.loads((cache_dir / "cache.json").read_text())
+    from pipeline.teachers.features import read_summary  # torch: only feature caches need it
+
+    summary = read_summary(cache_dir)
     frames = summary["frames"]
     disk = sum(f.stat().st_size for f in cache_dir.iterdir() if f.is_file())
     lines = [
@@ -334,6 +372,12 @@ def _feature_datasets(cache_dir: Path, summary: dict) -> tuple[dict[str, tuple],
                 for name, dataset in file.items():
                     shapes[name], dtypes[name] = dataset.shape[1:], dataset.dtype
                     stored[name] += dataset.id.get_storage_size()
+                    corrupt = corrupt_rows(dataset) if dataset.fletcher32 else []
+                    if corrupt:
+                        problems.append(
+                            f"{path.name} {name} has {len(corrupt)} corrupt rows (checksum "
+                            f"mismatch) from row {corrupt[0]} to {corrupt[-1]}; rebuild the cache"
+                        )
         except OSError as err:
             problems.append(f"{path.name} unreadable ({err})")
     datasets = {name: ((rows, *shapes[name]), dtypes[name], stored[name]) for name in shapes}

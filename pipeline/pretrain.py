@@ -24,6 +24,7 @@ import pandas as pd
 
 from pipeline.data.clips import select_rows
 from pipeline.data.guided import GuidedClipDataset
+from pipeline.data.shards import read_manifest
 from pipeline.errors import DataError
 from pipeline.figures import online_weights_figure
 from pipeline.io import atomic_path, write_json_atomic
@@ -97,7 +98,7 @@ def pretrain_dtg(
     spec = TrainSpec(**train, seed=seed, threads=threads)
     fixed = teacher_weights(weighting, teachers, offline_accuracies)
 
-    manifest = pd.read_parquet(shard_dir / "manifest.parquet")
+    manifest = read_manifest(shard_dir)
     rows = select_rows(manifest, f"split{split}", "train")
     dataset = GuidedClipDataset(
         shard_dir,

@@ -6,15 +6,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
 
+from pipeline.data.shards import read_manifest
 from pipeline.inspect import describe  # noqa: E402
 from pipeline.io import atomic_path  # noqa: E402
 
 
 def write_data_report(shard_dir: Path, txt_path: Path, png_path: Path) -> None:
     """The `inspect` summary as text, and a figure of class balance per split and video lengths."""
-    manifest = pd.read_parquet(shard_dir / "manifest.parquet")
+    manifest = read_manifest(shard_dir)
     split = next(c for c in ("split1", "split2", "split3") if c in manifest.columns)
     counts = manifest.groupby(["label_name", split]).size().unstack(fill_value=0)
     fig, (bars, lengths) = plt.subplots(1, 2, figsize=(12, 4), width_ratios=(3, 1))

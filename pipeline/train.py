@@ -12,6 +12,7 @@ pipeline.methods.Method and writes into run_dir:
 
 A rerun with the same key resumes from last.pt at the next epoch with every RNG restored, so the
 result equals an uninterrupted run; a different key starts fresh and deletes the old checkpoints.
+A finished run deletes its checkpoints: only a killed run resumes.
 
 Distributed (torchrun, WORLD_SIZE > 1): fit joins the process group (nccl on CUDA, gloo on CPU),
 wraps the whole method in DistributedDataParallel, and only rank 0 writes files. The train loader
@@ -28,6 +29,7 @@ import pickle
 import random
 import shutil
 import time
+import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -172,7 +174,14 @@ def save_checkpoint(obj: dict, path: str | os.PathLike) -> None:
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     """torch.load with weights_only=True; a file that is not plain tensors and containers is
-    refused with DataError naming it (a pickled object could run code when loaded)."""
+    refused with DataError naming it (a pickled object could run code when loaded), and so is
+    anything that is not a checkpoint this pipeline wrote (a folder, a text file, random bytes)."""
+    path = Path(path)
+    if not path.is_file():
+        problem = "is a folder" if path.is_dir() else "does not exist"
+        raise DataError(f"{path}: {problem}; expected a checkpoint file (model.pt)")
+    if not zipfile.is_zipfile(path):  # every torch.save since torch 1.6 writes a zip archive
+        raise DataError(f"{path}: not a torch checkpoint (not a zip archive: text? random bytes?)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
@@ -725,6 +734,9 @@ def _fit(method, train_loader, val_loader, run_dir, ckpt_dir, params, spec, rank
         _write_model(method, key, history, run_dir)
         write_json_atomic(run_dir / "metrics.json", metrics)
         live.end()
+        # Checkpoints serve only an unfinished run: a stage rerun after this one finished (forced,
+        # or its outputs deleted by a tool) trains afresh instead of "resuming" into old outputs.
+        shutil.rmtree(ckpt_dir)
     if world > 1:
         dist.barrier()  # no rank leaves before rank 0 has written the outputs
     return metrics

@@ -86,3 +86,12 @@ def test_synth_section_mirrors_the_world_spec():
         k: (mirror[k], spec[k]) for k in spec if mirror[k] is not None and mirror[k] != spec[k]
     }
     assert differing == {}
+
+
+def test_a_float_written_without_a_dot_reads_as_dvc_reads_it(tmp_path, project_params):
+    text = yaml.safe_dump(project_params).replace("lr: 0.05\n", "lr: 5e-2\n", 1)
+    assert "lr: 5e-2" in text
+    (tmp_path / "params.yaml").write_text(text)
+    from pipeline.config import load_params
+
+    assert load_params(tmp_path / "params.yaml").train.lr == 0.05

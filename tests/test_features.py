@@ -11,6 +11,7 @@ from torch import nn
 from pipeline.data.shards import ShardStore
 from pipeline.errors import DataError
 from pipeline.inspect import describe
+from pipeline.io import partial_folder
 from pipeline.models import resnet_2d
 from pipeline.teachers import features
 from pipeline.teachers.base import FrozenTeacher, Preprocess
@@ -146,15 +147,19 @@ def test_killed_build_leaves_no_cache_json_and_resumes(tmp_path, monkeypatch):
     monkeypatch.setattr(features, "_write_feat_file", killed_after_first_shard)
     with pytest.raises(KeyboardInterrupt):
         build(shard_dir, out)
-    assert sorted(p.name for p in out.iterdir()) == ["feat-00000.h5"]
+    # The finished file waits beside the output, where Snakemake's cleanup of an unfinished
+    # job's output does not reach it.
+    assert not out.exists()
+    assert sorted(p.name for p in partial_folder(out).iterdir()) == ["feat-00000.h5"]
     with pytest.raises(DataError, match="cache.json: missing"):
         FeatureCache(out, shard_dir)
 
     monkeypatch.setattr(features, "_write_feat_file", write_feat_file)
-    kept = (out / "feat-00000.h5").stat().st_mtime_ns
+    kept = (partial_folder(out) / "feat-00000.h5").stat().st_mtime_ns
     summary = build(shard_dir, out)
     assert summary["build"]["shards_kept"] == 1 and summary["build"]["shards_written"] == 1
     assert (out / "feat-00000.h5").stat().st_mtime_ns == kept
+    assert not partial_folder(out).exists()
     assert json.loads((out / "cache.json").read_text()) == summary
     assert FeatureCache(out, shard_dir).read(1, [0])["embedding"].shape == (1, 32)
 

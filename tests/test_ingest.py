@@ -1,6 +1,7 @@
 """Ingest of raw video datasets into HDF5 frame shards (notes/CONTRACT.md, "Shards")."""
 
 import io
+import json
 import shutil
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from pipeline.bench.data import bench_data
 from pipeline.data import ingest as ingest_module
 from pipeline.data.ingest import ingest, resized_shape
 from pipeline.errors import DataError
+from pipeline.io import partial_folder
 
 HEIGHT, WIDTH = 48, 64  # source size; short side 32 -> stored 32 x 42
 CLASSES = ["HandstandPushups", "Walk"]
@@ -300,17 +302,21 @@ def test_bad_inputs_are_quarantined_and_the_rest_ingested(bad_raw, tmp_path, cap
     assert f"rejected {len(BAD_REASONS)} inputs" in capsys.readouterr().out
 
 
-def test_strict_raises_with_summary_and_leaves_no_manifest(bad_raw, tmp_path):
+def test_strict_raises_with_summary_and_leaves_the_earlier_output_as_it_was(bad_raw, tmp_path):
     out = tmp_path / "shards" / "tiny"
-    run_ingest(bad_raw, out)  # a complete earlier run must not survive a failed strict one
-    assert (out / "manifest.parquet").is_file()
+    run_ingest(bad_raw, out)
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
 
     with pytest.raises(DataError, match=r"6 inputs rejected") as err:
         run_ingest(bad_raw, out, strict=True)
 
     assert "2 x cannot decode" in str(err.value) and "v_Walk_g01_c03.mp4" in str(err.value)
-    assert not (out / "manifest.parquet").exists()
-    assert len(pd.read_csv(out / "rejected.csv")) == len(BAD_REASONS)
+    # The failed run's rejections are where its message says, beside the output.
+    rejected_csv = partial_folder(out) / "rejected.csv"
+    assert f"all listed in {rejected_csv}" in str(err.value)
+    assert len(pd.read_csv(rejected_csv)) == len(BAD_REASONS)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+    assert json.loads((out / "ingest.json").read_text())["params"]["strict"] is False
 
 
 def test_resume_after_kill_keeps_finished_shards_and_equals_a_clean_run(
@@ -330,16 +336,18 @@ def test_resume_after_kill_keeps_finished_shards_and_equals_a_clean_run(
     with pytest.raises(KeyboardInterrupt):
         run_ingest(bad_raw, out, num_shards=3)
     monkeypatch.undo()
-    assert [p.name for p in sorted(out.iterdir())] == ["shard-00000.h5"]
-    first_shard = (out / "shard-00000.h5").stat()
-    stale = out / ".shard-00001.h5.abc.h5.tmp"  # as a SIGKILL mid-write would leave it
+    assert not out.exists()  # nothing that looks like an output, complete or not
+    partial = partial_folder(out)
+    assert [p.name for p in sorted(partial.iterdir())] == ["shard-00000.h5"]
+    first_shard = (partial / "shard-00000.h5").stat()
+    stale = partial / ".shard-00001.h5.abc.h5.tmp"  # as a SIGKILL mid-write would leave it
     stale.write_bytes(b"partial")
 
     summary = run_ingest(bad_raw, out, num_shards=3)
 
     assert (summary["shards_kept"], summary["shards_written"]) == (1, 2)
     assert (out / "shard-00000.h5").stat().st_mtime_ns == first_shard.st_mtime_ns
-    assert not stale.exists()
+    assert not partial.exists() and not list(out.glob(".*"))
     pd.testing.assert_frame_equal(
         pd.read_parquet(out / "manifest.parquet"), pd.read_parquet(clean / "manifest.parquet")
     )

@@ -64,6 +64,7 @@ def test_table3_rows_sizes_weights_and_verdicts(tmp_path):
     assert table.loc["BU", "beats_Scratch"] == "yes"
     assert table.loc["Places", "beats_Scratch"] == "no"
     assert table.loc["All", "beats_Scratch"] == "within noise"
+    assert table.loc["BU", "beats_All"] == "yes" and table.loc["All offline", "vs_All"] == 0.0
     assert table.loc["All offline", "paper_acc@1"] == 63.28
     assert table.loc["BU", "probe@1_mean"] == pytest.approx(20.5)
 

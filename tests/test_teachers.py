@@ -366,8 +366,8 @@ def test_train_teacher_writes_a_loadable_teacher(tmp_path):
     )
     assert metrics["eval_size"] == 8 and 0 <= metrics["top1"] <= 100
     assert metrics["source"]["kind"] == "synthetic" and metrics["feature_dim"] == 32
-    assert (run / "checkpoints" / "last.pt").is_file()
-    # A rerun resumes from fit's checkpoint after the last epoch and writes the same results.
+    assert not (run / "checkpoints").exists()  # a finished run keeps no checkpoints
+    # A rerun trains again from scratch and writes the same results.
     assert _train(tmp_path, "imagenet", _tiny_resnet_arch(), size=12) == metrics
     teacher = load_teacher(run / "model.pt")
     assert teacher.classes == ("ball", "cup") and teacher(_frames())["embedding"].shape == (3, 32)

@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from pipeline import train
 from pipeline.errors import DataError
 from pipeline.methods import Method, StepOutput
 from pipeline.methods.supervised import Supervised
@@ -146,7 +145,7 @@ SPEC = TrainSpec(
 )
 
 
-def test_resume_after_kill_equals_uninterrupted_run(tmp_path, caplog, monkeypatch):
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, caplog):
     full = tmp_path / "full"
     _run(full, SPEC)
 
@@ -169,29 +168,29 @@ def test_resume_after_kill_equals_uninterrupted_run(tmp_path, caplog, monkeypatc
     dvclive_loss = (killed / "dvclive" / "plots" / "metrics" / "train" / "loss.tsv").read_text()
     assert len(dvclive_loss.strip().splitlines()) == 1 + 4  # header + one row per epoch
 
-    # A finished run with the same params and spec does no training at all.
-    def no_training(*args, **kwargs):
-        raise AssertionError("a finished run trained again")
-
-    monkeypatch.setattr(train, "_train_one_epoch", no_training)
-    again = _run(killed, SPEC)
+    # A finished run keeps no checkpoints: run again (a forced rerun, outputs deleted by a tool),
+    # it trains afresh, never "resuming" into its old outputs, and gets the same result.
+    assert not (killed / "checkpoints").exists()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pipeline.train"):
+        again = _run(killed, SPEC)
+    assert "resuming" not in caplog.text
     assert again == json.loads((full / "metrics.json").read_text())
 
 
 def test_other_params_start_fresh_and_clear_checkpoints(tmp_path, caplog):
     run_dir = tmp_path / "run"
     spec_a = TrainSpec(epochs=2, lr=0.05, seed=0, device="cpu")
-    _run(run_dir, spec_a, val=False)
+    with pytest.raises(SimulatedKill):  # leaves checkpoints of spec_a after epoch 0
+        _run(run_dir, spec_a, train_set=Clips(kill_after=24 + 10), val=False)
     old_key = json.loads((run_dir / "checkpoints" / "key.json").read_text())["key"]
 
     spec_b = TrainSpec(epochs=3, lr=0.02, seed=0, device="cpu")
     params_b = {**PARAMS, "note": "other"}
     with caplog.at_level(logging.WARNING, logger="pipeline.train"):
-        _run(run_dir, spec_b, params=params_b, val=False)
+        metrics = _run(run_dir, spec_b, params=params_b, val=False)
     assert "starting fresh" in caplog.text
-    key = json.loads((run_dir / "checkpoints" / "key.json").read_text())
-    assert key["key"] == run_key(params_b, spec_b) != old_key
-    assert key["params"] == params_b
+    assert metrics["run_key"] == run_key(params_b, spec_b) != old_key
     history = json.loads((run_dir / "history.json").read_text())
     assert [r["lr"] for r in history] == [0.02] * 3  # no epoch of the old run survived
 
@@ -344,12 +343,14 @@ def test_grad_clip_bounds_the_update(tmp_path):
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_amp_on_cpu_trains_and_checkpoints_scaler(tmp_path, amp):
-    spec = TrainSpec(epochs=1, lr=0.05, amp=amp, channels_last=True, device="cpu")
+    spec = TrainSpec(epochs=2, lr=0.05, amp=amp, channels_last=True, device="cpu")
+    with pytest.raises(SimulatedKill):  # killed in epoch 2: epoch 1's checkpoint stays
+        _run(tmp_path / "run", spec, train_set=Clips(8, kill_after=12))
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    assert (ckpt["scaler"] is not None) == (amp == "fp16")
     metrics = _run(tmp_path / "run", spec, train_set=Clips(8))
     assert math.isfinite(metrics["last_epoch"]["train_loss"])
     assert metrics["amp"] == amp and metrics["channels_last"] is True
-    ckpt = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
-    assert (ckpt["scaler"] is not None) == (amp == "fp16")
 
 
 def test_supervised_ignores_unlabeled_clips():

@@ -22,12 +22,12 @@ from contextlib import closing
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
 
 from pipeline.bench import WARMUP_STEPS, epochs_of_batches, sgd_clips_per_second
 from pipeline.data.clips import select_rows
 from pipeline.data.guided import GuidedClipDataset
+from pipeline.data.shards import read_manifest
 from pipeline.errors import DataError
 from pipeline.methods.dtg import DTG
 from pipeline.models import build_video_model
@@ -109,7 +109,7 @@ def bench_features(
     shard_dir = Path(shard_dir)
     if set(teachers) != set(caches):
         raise ValueError(f"teachers {sorted(teachers)} and caches {sorted(caches)} differ")
-    manifest = pd.read_parquet(shard_dir / "manifest.parquet")
+    manifest = read_manifest(shard_dir)
     rows = select_rows(manifest, f"split{split}", "train")
     clip_args = {
         "rows": rows,

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from pipeline.bench import WARMUP_STEPS, epochs_of_batches, sgd_clips_per_second
+from pipeline.data.shards import read_manifest
 from pipeline.errors import DataError
 from pipeline.finetune import split_rows, train_clip_dataset
 from pipeline.methods.supervised import Supervised
@@ -61,7 +61,7 @@ def bench_train(
     build_video_model's keywords plus `name`; `split` and `val_fraction` pick the train rows as a
     training run does (the dataset's split and train.val_fraction)."""
     shard_dir = Path(shard_dir)
-    manifest = pd.read_parquet(shard_dir / "manifest.parquet")
+    manifest = read_manifest(shard_dir)
     rows = split_rows(manifest, f"split{split}", val_fraction, seed=0)["train"]
     # The training set of a supervised run without augmentation, as train_run builds it.
     dataset = train_clip_dataset(

@@ -4,17 +4,26 @@ Worker processes decode (decord, resized to the short side while decoding) and e
 parent alone writes HDF5, one shard at a time, each to a temp name that is `os.replace`d into place.
 Raw shards hold one fixed-shape frame array, so a raw dataset must have a single stored frame size:
 that is checked from the container headers before any shard is written.
-`manifest.parquet` is written last: its presence means the folder is complete. A shard whose `key`
+The lists are read and checked before anything is written. The folder is built in a hidden sibling
+(`pipeline.io.partial_folder`) and replaces the output only when complete, `manifest.parquet`
+written last, so a failed ingest leaves the previous complete output, or none. A shard whose `key`
 attr matches its params and input files (path, size, mtime) is kept on a rerun, so a killed ingest
-resumes where it stopped. Bad videos are quarantined in `rejected.csv` with a reason.
+resumes where it stopped, even after Snakemake deleted the unfinished output. Bad videos are
+quarantined in `rejected.csv` with a reason.
 """
 
 import collections
+import ctypes
+import dataclasses
 import hashlib
 import io
 import itertools
 import json
+import multiprocessing
+import os
 import re
+import signal
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -30,23 +39,30 @@ import pandas as pd
 from PIL import Image
 from tqdm.auto import tqdm
 
+from pipeline.data.shards import FRAME_CRC32, MANIFEST, MANIFEST_COLUMNS, jpeg_crc32
 from pipeline.data.splits import Rejection, labeled_subsets, read_hmdb51, read_ucf101
 from pipeline.errors import DataError
-from pipeline.io import atomic_path, remove_leftovers, write_json_atomic
+from pipeline.io import (
+    atomic_hdf5,
+    atomic_path,
+    partial_folder,
+    remove_leftovers,
+    replace_folder,
+    reuse_file,
+    write_json_atomic,
+)
 
 READERS = {"ucf101": read_ucf101, "hmdb51": read_hmdb51}
 CODECS = ("jpeg", "raw")
 # Part of every shard key: bump it when the shard layout changes. 2: raw frames are one fixed-shape
-# (frames, H, W, 3) uint8 dataset instead of per-frame vlen bytes.
-SHARD_VERSION = 2
-MANIFEST = "manifest.parquet"
+# (frames, H, W, 3) uint8 dataset instead of per-frame vlen bytes. 3: checksums (raw frames:
+# HDF5's per-chunk fletcher32; JPEG frames: a CRC-32 per file in FRAME_CRC32).
+SHARD_VERSION = 3
+CRC32_CHUNK = 4096  # rows per chunk of FRAME_CRC32 (16 KiB)
 REJECTED = "rejected.csv"
 SUMMARY = "ingest.json"
 DECODE_CHUNK = 32  # frames per get_batch call: bounds a worker's memory on long videos
-MANIFEST_COLUMNS = [
-    "video_id", "path", "label", "label_name", "group", "num_frames", "fps", "height", "width",
-    "shard", "offset",
-]  # fmt: skip
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 # decord prefixes errors with "[hh:mm:ss] /source/file.cc:123: "; reasons must not vary by run.
 DECORD_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: (ERROR |Error: )?")
 
@@ -186,7 +202,8 @@ def ingest(
     """Ingest the dataset at `raw_dir` (layout `fmt`) into `out_dir`; return the summary.
 
     Output does not depend on `workers`. With `strict`, any rejected input raises DataError after
-    all videos were tried (rejected.csv is written, the manifest is not).
+    all videos were tried (rejected.csv is written in the partial folder; `out_dir` is left as it
+    was).
     """
     if fmt not in READERS:
         raise ValueError(f"fmt must be one of {sorted(READERS)}, got {fmt!r}")
@@ -198,16 +215,8 @@ def ingest(
         raise ValueError("num_shards, workers and min_frames must be >= 1")
     started = time.perf_counter()
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for done_marker in (MANIFEST, SUMMARY):  # the folder is incomplete until we finish
-        (out_dir / done_marker).unlink(missing_ok=True)
-    remove_leftovers(out_dir, "shard-", num_shards)
-
-    videos, rejections = READERS[fmt](raw_dir)
+    videos, rejections = _listed_videos(raw_dir, fmt, split)  # before anything is written
     split_col = f"split{split}"
-    if split_col not in videos.columns:
-        raise DataError(f"{raw_dir}: split {split} has no list files (found {_split_cols(videos)})")
-    videos = videos.sort_values("path", ignore_index=True)
 
     decode_params = {
         "short_side": short_side,
@@ -217,7 +226,13 @@ def ingest(
     }
     # jpeg_quality does not change raw shards, so it stays out of their key.
     key_params = {k: v for k, v in decode_params.items() if codec == "jpeg" or k != "jpeg_quality"}
-    plans = _plan_shards(raw_dir, out_dir, list(videos["path"]), num_shards, key_params)
+    work_dir = partial_folder(out_dir)
+    plans = _plan_shards(
+        raw_dir, work_dir, out_dir.name, list(videos["path"]), num_shards, key_params
+    )
+    work_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(work_dir, "shard-", num_shards)
+    _reuse_output_shards(plans, out_dir)
     pending = [plan for plan in plans if not _shard_is_current(plan)]
     frame_size = None
     if codec == "raw":  # before writing: a mixed dataset must fail with no new shard on disk
@@ -227,18 +242,17 @@ def ingest(
 
     accepted, decode_rejections = _read_shard_indexes(plans)
     rejections = sorted(rejections + decode_rejections)
-    with atomic_path(out_dir / REJECTED, suffix=".csv") as tmp:
+    with atomic_path(work_dir / REJECTED, suffix=".csv") as tmp:
         pd.DataFrame([(r.path, r.reason) for r in rejections], columns=["path", "reason"]).to_csv(
             tmp, index=False
         )
+    if strict and rejections:
+        raise DataError(_strict_summary(rejections, work_dir / REJECTED))
+
+    manifest = _manifest(videos, accepted, split_col, percents, seed)
     by_reason = dict(
         sorted(collections.Counter(_reason_kind(r.reason) for r in rejections).items())
     )
-    print(f"ingest: rejected {len(rejections)} inputs {by_reason}; see {out_dir / REJECTED}")
-    if strict and rejections:
-        raise DataError(_strict_summary(rejections, out_dir / REJECTED))
-
-    manifest = _manifest(videos, accepted, split_col, percents, seed)
     summary = {
         "dataset": out_dir.name,
         "format": fmt,
@@ -262,14 +276,35 @@ def ingest(
             "workers": workers,
         },
     }
-    write_json_atomic(out_dir / SUMMARY, summary)
-    with atomic_path(out_dir / MANIFEST, suffix=".parquet") as tmp:  # last: marks completion
+    write_json_atomic(work_dir / SUMMARY, summary)
+    with atomic_path(work_dir / MANIFEST, suffix=".parquet") as tmp:  # last: marks completion
         manifest.to_parquet(tmp, index=False)
+    replace_folder(out_dir, work_dir)
+    print(f"ingest: rejected {len(rejections)} inputs {by_reason}; see {out_dir / REJECTED}")
     return summary
 
 
+def _listed_videos(raw_dir: Path, fmt: str, split: int) -> tuple[pd.DataFrame, list[Rejection]]:
+    """The videos on disk that the lists name, sorted by path, and the inputs rejected so far;
+    DataError when the folder or the split is missing or no video is left to ingest."""
+    if not raw_dir.is_dir():
+        raise DataError(f"{raw_dir}: raw dataset folder not found")
+    videos, rejections = READERS[fmt](raw_dir)
+    if f"split{split}" not in videos.columns:
+        raise DataError(f"{raw_dir}: split {split} has no list files (found {_split_cols(videos)})")
+    if videos.empty:
+        example = f" (e.g. {rejections[0].path}: {rejections[0].reason})" if rejections else ""
+        raise DataError(f"{raw_dir}: no video to ingest: no listed video is on disk{example}")
+    return videos.sort_values("path", ignore_index=True), rejections
+
+
 def _plan_shards(
-    raw_dir: Path, out_dir: Path, paths: list[str], num_shards: int, key_params: dict
+    raw_dir: Path,
+    work_dir: Path,
+    dataset: str,
+    paths: list[str],
+    num_shards: int,
+    key_params: dict,
 ) -> list[ShardPlan]:
     """Round-robin over sorted paths: shard s holds videos s, s+S, s+2S, ... (classes spread)."""
     plans = []
@@ -281,13 +316,22 @@ def _plan_shards(
             files.append([path, stat.st_size, stat.st_mtime_ns])
         identity = {
             "version": SHARD_VERSION,
-            "dataset": out_dir.name,
+            "dataset": dataset,
             **key_params,
             "files": files,
         }
         key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
-        plans.append(ShardPlan(index, out_dir / f"shard-{index:05d}.h5", shard_videos, key))
+        plans.append(ShardPlan(index, work_dir / f"shard-{index:05d}.h5", shard_videos, key))
     return plans
+
+
+def _reuse_output_shards(plans: list[ShardPlan], out_dir: Path) -> None:
+    """Take the shards of a complete earlier output that are still current (a rerun with other
+    params or inputs redoes only the shards they change) into the partial folder."""
+    for plan in plans:
+        done = dataclasses.replace(plan, path=out_dir / plan.path.name)
+        if not _shard_is_current(plan) and _shard_is_current(done):
+            reuse_file(done.path, plan.path)
 
 
 def _shard_is_current(plan: ShardPlan) -> bool:
@@ -351,8 +395,17 @@ def _write_shards(
 
 
 def _create_frames(file: h5py.File, codec: str, frame_size: tuple[int, int] | None) -> h5py.Dataset:
-    """The shard's empty, growable "frames" dataset, one frame per chunk (CONTRACT, "Shards")."""
+    """The shard's empty, growable "frames" dataset, one frame per chunk (CONTRACT, "Shards");
+    JPEG shards also get FRAME_CRC32, as HDF5 refuses checksum filters on variable-length data."""
     if codec == "jpeg":
+        file.create_dataset(
+            FRAME_CRC32,
+            shape=(0,),
+            maxshape=(None,),
+            chunks=(CRC32_CHUNK,),
+            dtype=np.uint32,
+            fletcher32=True,
+        )
         return file.create_dataset(
             "frames", shape=(0,), maxshape=(None,), chunks=(1,), dtype=h5py.vlen_dtype(np.uint8)
         )
@@ -360,7 +413,12 @@ def _create_frames(file: h5py.File, codec: str, frame_size: tuple[int, int] | No
         return file.create_dataset("frames", shape=(0, 0, 0, 3), dtype=np.uint8)
     shape = (*frame_size, 3)
     return file.create_dataset(
-        "frames", shape=(0, *shape), maxshape=(None, *shape), chunks=(1, *shape), dtype=np.uint8
+        "frames",
+        shape=(0, *shape),
+        maxshape=(None, *shape),
+        chunks=(1, *shape),
+        dtype=np.uint8,
+        fletcher32=True,  # a corrupt chunk fails its read
     )
 
 
@@ -374,11 +432,12 @@ def _write_shard(
 ) -> None:
     """Write one shard from the next len(plan.videos) results; the file appears only when done."""
     index = {"videos": [], "rejected": []}  # stored in the shard so a kept shard needs no decode
-    with atomic_path(plan.path, suffix=".h5") as tmp, h5py.File(tmp, "w") as file:
+    with atomic_hdf5(plan.path) as (file, check_written):
         frames = _create_frames(file, codec, frame_size)
         for path in plan.videos:
             result = next(results)
             bar.update(1)
+            check_written()  # a full disk stops the shard at once
             if isinstance(result, Rejection):
                 index["rejected"].append({"path": path, "reason": result.reason})
                 continue
@@ -427,6 +486,9 @@ def _append_jpeg(frames: h5py.Dataset, files: list[np.ndarray]) -> None:
     # write_direct, not frames[a:b] = encoded: h5py turns equal-length frames into a 2-D array
     # and fails; write_direct is also ~2.5x faster than writing frame by frame.
     frames.write_direct(encoded, dest_sel=np.s_[offset : offset + len(encoded)])
+    crc32 = frames.parent[FRAME_CRC32]
+    crc32.resize((offset + len(encoded),))
+    crc32[offset:] = jpeg_crc32(encoded)
 
 
 def _decode_in_order(
@@ -438,8 +500,14 @@ def _decode_in_order(
             yield decode_video(path, **decode_params)
         return
     # ProcessPoolExecutor, not multiprocessing.Pool: a worker killed by the OS (OOM, a decoder
-    # segfault) raises BrokenProcessPool here, where Pool would wait forever.
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    # segfault) raises BrokenProcessPool here, where Pool would wait forever. Forked, so that the
+    # workers are this process's children (Python 3.14 starts them from a forkserver by default).
+    with ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("fork"),
+        initializer=_die_with_parent,
+        initargs=(os.getpid(),),
+    ) as pool:
         queued = iter(paths)
         in_flight = collections.deque(
             (path, pool.submit(decode_video, path, **decode_params))
@@ -455,6 +523,15 @@ def _decode_in_order(
             if next_path is not None:
                 in_flight.append((next_path, pool.submit(decode_video, next_path, **decode_params)))
             yield result
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Decoder worker initializer: the kernel kills the worker when the ingest process dies,
+    however it dies (a SIGKILL gives the pool no chance to stop its workers). Linux only."""
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _read_shard_indexes(plans: Iterable[ShardPlan]) -> tuple[pd.DataFrame, list[Rejection]]:

@@ -1,9 +1,11 @@
 """Official train/test lists of UCF101 and HMDB51, labeled subsets, and validation carving.
 
 The readers return one row per video file found on disk and listed in at least one split, plus a
-list of rejections (listed but missing, on disk but in no split). They never decode videos.
+list of rejections (listed but missing, in a folder that cannot be read, on disk but in no split).
+They never decode videos.
 """
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -164,11 +166,27 @@ def _read_class_index(path: Path) -> list[str]:
     if not path.is_file():
         raise DataError(f"{path}: class index not found")
     names = {}
+    line_of_number: dict[int, int] = {}
+    line_of_name: dict[str, tuple[int, str]] = {}  # classes are matched ignoring case
     for line_number, line in _lines(path):
         parts = line.split()
         if len(parts) != 2 or not parts[0].isdigit():
             raise DataError(f"{path}:{line_number}: expected '<number> <ClassName>', got {line!r}")
-        names[int(parts[0])] = parts[1]
+        number, name = int(parts[0]), parts[1]
+        # A second entry would silently shift or drop labels: refuse it where it stands.
+        if number in line_of_number:
+            raise DataError(
+                f"{path}:{line_number}: class number {number} is given twice "
+                f"(also on line {line_of_number[number]})"
+            )
+        if name.lower() in line_of_name:
+            first_line, first_name = line_of_name[name.lower()]
+            raise DataError(
+                f"{path}:{line_number}: class {name!r} is named twice (also on line "
+                f"{first_line} as {first_name!r}; class names are matched ignoring case)"
+            )
+        names[number] = name
+        line_of_number[number], line_of_name[name.lower()] = line_number, (line_number, name)
     if sorted(names) != list(range(1, len(names) + 1)):
         raise DataError(f"{path}: class numbers are not 1..{len(names)}")
     return [names[number] for number in sorted(names)]
@@ -176,7 +194,18 @@ def _read_class_index(path: Path) -> list[str]:
 
 def _lines(path: Path) -> list[tuple[int, str]]:
     """Non-blank lines with their 1-based numbers; CRLF, trailing spaces and a BOM are dropped."""
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read it ({err.strerror})") from err
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line_number = data[: err.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line_number}: not UTF-8 text (byte 0x{data[err.start]:02x}); "
+            "save the list as UTF-8"
+        ) from None
     return [(i, line.strip()) for i, line in enumerate(text.splitlines(), start=1) if line.strip()]
 
 
@@ -190,16 +219,27 @@ class _DiskIndex:
 
     A list path is matched exactly ignoring case first; failing that, ignoring the extension too
     (lists name .avi where a re-encoded copy holds .mp4), but only if that match is unique.
+    Folders that cannot be listed are kept with the reason, so that their videos are reported as
+    unreadable rather than missing.
     """
 
     def __init__(self, videos_dir: Path):
         if not videos_dir.is_dir():
             raise DataError(f"{videos_dir}: folder of videos not found")
-        self.paths = sorted(
-            p.relative_to(videos_dir).as_posix()
-            for p in videos_dir.rglob("*")
-            if p.suffix.lower() in VIDEO_EXTENSIONS and not p.name.startswith(".") and p.is_file()
-        )
+        self.unreadable: dict[str, str] = {}  # folder as "videos/<folder>" -> why
+        paths = []
+
+        def unreadable(err: OSError) -> None:
+            folder = Path(err.filename).relative_to(videos_dir.parent)
+            self.unreadable[folder.as_posix()] = err.strerror
+
+        for folder, _, files in os.walk(videos_dir, onerror=unreadable, followlinks=True):
+            for name in files:
+                path = Path(folder, name)
+                is_video = path.suffix.lower() in VIDEO_EXTENSIONS and not name.startswith(".")
+                if is_video and path.is_file():  # is_file: not a broken link
+                    paths.append(path.relative_to(videos_dir).as_posix())
+        self.paths = sorted(paths)
         self._by_name = {p.lower(): p for p in self.paths}
         self._by_stem: dict[str, list[str]] = {}
         for p in self.paths:
@@ -210,6 +250,14 @@ class _DiskIndex:
             return self._by_name[listed.lower()]
         same_stem = self._by_stem.get(_without_suffix(listed).lower(), [])
         return same_stem[0] if len(same_stem) == 1 else None
+
+    def unreadable_reason(self, listed: str) -> str | None:
+        """Why `listed` was not found, if a folder holding it could not be listed."""
+        path = f"videos/{listed}".lower()
+        for folder, why in self.unreadable.items():
+            if path.startswith(folder.lower() + "/"):
+                return f"unreadable: cannot list folder {folder} ({why})"
+        return None
 
 
 def _without_suffix(path: str) -> str:
@@ -229,7 +277,8 @@ class _Listing:
         self.split_columns.add(split_col)
         found = disk.find(listed)
         if found is None:
-            self.rejected.setdefault(f"videos/{listed}", f"listed in {list_name} but missing")
+            reason = disk.unreadable_reason(listed) or f"listed in {list_name} but missing"
+            self.rejected.setdefault(f"videos/{listed}", reason)
             return
         self.listed_as.setdefault(found, listed)
         previous = self.splits.setdefault(found, {}).setdefault(split_col, value)

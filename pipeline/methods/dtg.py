@@ -13,8 +13,9 @@ Choices where the paper is silent (FACTS.md "DTG-Net"), all exposed as arguments
   that teacher's embedding space (its D_k), so a_k . g_k compares like with like. The head is
   MoCo v2's: Linear(feature_dim, proj_hidden), ReLU, Linear(proj_hidden, D_k); proj_hidden=0 gives
   a single Linear (params.yaml's choice: on the synthetic world it reached a lower loss and a
-  better student than the MLP in the same steps, README "DTG-Net: levers"). The heads are part of the method, not of the student: model.pt (what
-  fine-tuning starts from) holds the backbone only.
+  better student than the MLP in the same steps, README "DTG-Net: levers"). The heads are part
+  of the method, not of the student: model.pt (what fine-tuning starts from) holds the backbone
+  only.
 - Queue: K = queue_size per teacher (default 512, as the quick prototype in FACTS.md), filled at
   construction with seeded, L2-normalised Gaussian vectors (MoCo does the same): until real
   guidance replaces them (after K / batch steps) they are easy negatives, and the first losses

@@ -2,10 +2,12 @@
 
 `build_feature_cache` runs a `FrozenTeacher` over every frame of a shard folder and writes one
 `feat-0000K.h5` per shard, row r aligned with `shard-0000K.h5` frames[r], then `cache.json` last:
-its presence means the folder is complete. Every feat file carries the cache key (checkpoint
-sha256, preprocessing, parts size, kind and the shards' keys), so a killed build resumes shard by
-shard and a stale cache is rebuilt, never reused. `FeatureCache` reads the outputs of a video's
-frames by manifest row, as `ShardStore` reads its frames.
+its presence means the folder is complete. The folder is built in a hidden sibling
+(`pipeline.io.partial_folder`) and replaces the output only when complete. Every feat file carries
+the cache key (checkpoint sha256, preprocessing, parts size, kind and the shards' keys), so a killed
+build resumes shard by shard and a stale cache is rebuilt, never reused. Its datasets carry HDF5's
+fletcher32 checksums, so a corrupt chunk fails its read. `FeatureCache` reads the outputs of a
+video's frames by manifest row, as `ShardStore` reads its frames.
 """
 
 import hashlib
@@ -21,14 +23,25 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from pipeline.data.shards import _read_jpeg, _read_raw, shard_path
+from pipeline.data.shards import FRAME_CRC32, _read_jpeg, _read_raw, shard_path
+from pipeline.data.shards import read_manifest as _read_manifest  # the name probe_teacher uses
 from pipeline.errors import DataError
-from pipeline.io import atomic_path, remove_leftovers, write_json_atomic
+from pipeline.io import (
+    atomic_hdf5,
+    partial_folder,
+    remove_leftovers,
+    replace_folder,
+    reuse_file,
+    write_json_atomic,
+)
 from pipeline.teachers.base import FrozenTeacher
 
-# Part of the cache key: bump it when the feat file layout changes.
-FORMAT_VERSION = 1
+# Part of the cache key: bump it when the feat file layout changes. 2: fletcher32 checksums.
+FORMAT_VERSION = 2
 CACHE_JSON = "cache.json"
+# What readers of cache.json use: checked when it is read.
+SUMMARY_KEYS = ("key", "checkpoint_sha256", "feature_dim", "num_parts", "parts_size", "shards")
+SHARD_ENTRY_KEYS = ("file", "shard_key", "rows")
 OUTPUTS = ("embedding", "parts")
 # Rows per HDF5 chunk: about this many bytes. Measured (h5py 3.16, D=64, 48,000 frames of 32-frame
 # videos, FeatureCache.read of 8 frames, 2 busy cores): 64 KiB chunks ~18k reads/s, 16 and 256 KiB
@@ -75,11 +88,33 @@ def shard_keys(shard_dir: Path) -> tuple[list[str], list[int], list[str]]:
     return keys, rows, codecs
 
 
-def _read_manifest(shard_dir: Path) -> pd.DataFrame:
-    path = shard_dir / "manifest.parquet"
+def read_summary(cache_dir: str | os.PathLike) -> dict:
+    """`<cache_dir>/cache.json`, checked to be JSON holding the keys readers use."""
+    path = Path(cache_dir) / CACHE_JSON
     if not path.is_file():
-        raise DataError(f"{path}: missing; is {shard_dir} a complete shard folder?")
-    return pd.read_parquet(path)
+        raise DataError(f"{path}: missing (cache unfinished?); {REBUILD_HINT}")
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, ValueError) as err:  # ValueError: not JSON, or not UTF-8
+        raise DataError(f"{path}: unreadable ({err}); {REBUILD_HINT}") from err
+    problem = _summary_problem(summary)
+    if problem:
+        raise DataError(f"{path}: {problem}; {REBUILD_HINT}")
+    return summary
+
+
+def _summary_problem(summary) -> str | None:
+    if not isinstance(summary, dict):
+        return "not a JSON object"
+    missing = [key for key in SUMMARY_KEYS if key not in summary]
+    if missing:
+        return f"no {', '.join(missing)}"
+    entries = summary["shards"]
+    if not isinstance(entries, list) or not all(
+        isinstance(entry, dict) and set(SHARD_ENTRY_KEYS) <= entry.keys() for entry in entries
+    ):
+        return f"'shards' is not a list of {{{', '.join(SHARD_ENTRY_KEYS)}}}"
+    return None
 
 
 def _frame_size_runs(manifest: pd.DataFrame, shard: int, rows: int, path: Path) -> list[range]:
@@ -119,9 +154,15 @@ def _batches(runs: list[range], batch_size: int) -> Iterator[range]:
 def _read_rows(frames: h5py.Dataset, codec: str, rows: range) -> np.ndarray:
     """Consecutive shard rows as uint8 (N, H, W, 3): one slice read (and JPEG decode)."""
     indices = np.arange(rows.start, rows.stop)
-    if codec == "raw":
-        return _read_raw(frames, indices, frame_kib=0.0)
-    return _read_jpeg(frames, indices)
+    try:
+        if codec == "raw":
+            return _read_raw(frames, indices, frame_kib=0.0)
+        return _read_jpeg(frames, indices, frames.parent.get(FRAME_CRC32))
+    except (OSError, RuntimeError) as err:  # a failed checksum; a JPEG that does not decode
+        raise DataError(
+            f"{frames.file.filename}: frames {rows.start}-{rows.stop - 1} are corrupt ({err}); "
+            "run the ingest stage again"
+        ) from err
 
 
 def _output_shapes(teacher: FrozenTeacher, device: torch.device) -> dict[str, tuple[int, ...]]:
@@ -167,13 +208,14 @@ def _write_feat_file(
 ) -> None:
     """One feat file, appearing only when complete. A batch's outputs are fetched from the device
     after the next batch is read and launched, so reading overlaps the device's compute."""
-    with atomic_path(path, suffix=".h5") as tmp, h5py.File(tmp, "w") as file:
+    with atomic_hdf5(path) as (file, check_written):
         datasets = {
             name: file.create_dataset(
                 name,
                 shape=(rows, *shape),
                 dtype=np.float16,
                 chunks=(_chunk_rows(shape, rows), *shape) if rows else None,
+                fletcher32=bool(rows),  # checksums need chunks
             )
             for name, shape in shapes.items()
         }
@@ -185,6 +227,7 @@ def _write_feat_file(
             outputs = teacher(uint8.to(device, non_blocking=True))
             if pending is not None:
                 _store(datasets, *pending, bar)
+                check_written()  # a full disk stops the file at once
             # float16 on the device: half the bytes to copy back, and the stored precision
             pending = batch, {name: out.half() for name, out in outputs.items()}
         if pending is not None:
@@ -198,20 +241,26 @@ def _store(datasets: dict, rows: range, outputs: dict[str, torch.Tensor], bar: t
     bar.update(len(rows))
 
 
-def _summary_is_current(summary_path: Path, key: str, feat_files: list[Path]) -> dict | None:
+def _summary_is_current(cache_dir: Path, key: str, feat_files: list[Path]) -> dict | None:
     """cache.json's content if it and every feat file carry `key`, else None."""
-    if not summary_path.is_file():
-        return None
     try:
-        summary = json.loads(summary_path.read_text())
-    except (OSError, json.JSONDecodeError):
+        summary = read_summary(cache_dir)
+    except DataError:  # missing or damaged: rebuilt
         return None
-    if summary.get("key") != key:
+    if summary["key"] != key or len(summary["shards"]) != len(feat_files):
         return None
-    for path, entry in zip(feat_files, summary.get("shards", []), strict=False):
+    for path, entry in zip(feat_files, summary["shards"], strict=True):
         if not _feat_is_current(path, key, entry["rows"]):
             return None
-    return summary if len(summary.get("shards", [])) == len(feat_files) else None
+    return summary
+
+
+def _reuse_output_files(out_dir: Path, feat_files: list[Path], key: str, rows: list[int]) -> None:
+    """Take the feat files of a complete earlier build that carry `key` into the partial folder."""
+    for feat, shard_rows in zip(feat_files, rows, strict=True):
+        done = out_dir / feat.name
+        if not _feat_is_current(feat, key, shard_rows) and _feat_is_current(done, key, shard_rows):
+            reuse_file(done, feat)
 
 
 def build_feature_cache(
@@ -246,15 +295,17 @@ def build_feature_cache(
         kind=teacher.kind,
         shard_keys=keys,
     )
-    feat_files = [feat_path(out_dir, shard) for shard in range(len(keys))]
-    summary_path = out_dir / CACHE_JSON
-    current = _summary_is_current(summary_path, key, feat_files)
+    current = _summary_is_current(
+        out_dir, key, [feat_path(out_dir, shard) for shard in range(len(keys))]
+    )
     if current is not None:
         return current
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    summary_path.unlink(missing_ok=True)  # incomplete until every feat file is written
-    remove_leftovers(out_dir, "feat-", len(keys))
+    work_dir = partial_folder(out_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(work_dir, "feat-", len(keys))
+    feat_files = [feat_path(work_dir, shard) for shard in range(len(keys))]
+    _reuse_output_files(out_dir, feat_files, key, rows)
     runs = [
         _frame_size_runs(manifest, shard, rows[shard], shard_path(shard_dir, shard))
         for shard in range(len(keys))
@@ -317,8 +368,9 @@ def build_feature_cache(
             "batch_size": batch_size,
         },
     }
-    write_json_atomic(summary_path, summary)  # last: marks the cache complete
-    return json.loads(summary_path.read_text())  # as a rerun returns it (lists, not tuples)
+    write_json_atomic(work_dir / CACHE_JSON, summary)  # last: marks the cache complete
+    replace_folder(out_dir, work_dir)
+    return read_summary(out_dir)  # as a rerun returns it (lists, not tuples)
 
 
 class FeatureCache:
@@ -337,11 +389,9 @@ class FeatureCache:
         checkpoint_sha256: str | None = None,
     ):
         self.cache_dir, self.shard_dir = Path(cache_dir), Path(shard_dir)
-        summary_path = self.cache_dir / CACHE_JSON
-        if not summary_path.is_file():
-            raise DataError(f"{summary_path}: missing (cache unfinished?); {REBUILD_HINT}")
-        self.summary = json.loads(summary_path.read_text())
+        self.summary = read_summary(self.cache_dir)
         self._check_current(checkpoint_sha256)
+        self._check_files()
         manifest = _read_manifest(self.shard_dir)
         self._shard = manifest["shard"].to_numpy(np.int64)
         self._offset = manifest["offset"].to_numpy(np.int64)
@@ -376,6 +426,29 @@ class FeatureCache:
                 f"{self.summary['checkpoint_sha256'][:12]}, the teacher's is now "
                 f"{checkpoint_sha256[:12]}; {REBUILD_HINT}"
             )
+
+    def _check_files(self) -> None:
+        """The feat files hold what cache.json says (an edited summary would crash a reader)."""
+        where = self.cache_dir / CACHE_JSON
+        dim, parts, size = (self.summary[k] for k in ("feature_dim", "num_parts", "parts_size"))
+        for shard, entry in enumerate(self.summary["shards"]):
+            path = feat_path(self.cache_dir, shard)
+            described = {"embedding": (entry["rows"], dim)}
+            if parts:
+                described["parts"] = (entry["rows"], parts, size, size)
+            try:
+                with h5py.File(path, "r") as file:
+                    key = file.attrs.get("key")
+                    held = {name: file[name].shape for name in file}
+            except OSError as err:
+                raise DataError(f"{path}: cannot open ({err}); {REBUILD_HINT}") from err
+            if key != self.summary["key"]:
+                raise DataError(f"{path}: not from the build {where} describes; {REBUILD_HINT}")
+            if held != described:
+                raise DataError(
+                    f"{where}: feature_dim {dim}, num_parts {parts} and rows {entry['rows']} "
+                    f"describe {described}, but {path.name} holds {held}; {REBUILD_HINT}"
+                )
 
     def __len__(self) -> int:
         return len(self._shard)
@@ -417,12 +490,19 @@ class FeatureCache:
         # ~50x slower (FACTS), and a video's span is small (frames x D float16).
         first, last = int(indices.min()), int(indices.max())
         start = int(self._offset[row]) + first
-        datasets = self._datasets(int(self._shard[row]))
+        shard = int(self._shard[row])
+        datasets = self._datasets(shard)
         local = indices - first
-        return {
-            name: dataset[start : start + last - first + 1][local].astype(np.float32)
-            for name, dataset in datasets.items()
-        }
+        try:
+            return {
+                name: dataset[start : start + last - first + 1][local].astype(np.float32)
+                for name, dataset in datasets.items()
+            }
+        except OSError as err:  # a chunk failed its checksum
+            raise DataError(
+                f"{feat_path(self.cache_dir, shard)}: the outputs of frames {first}-{last} of "
+                f"manifest row {row} are corrupt ({err}); {REBUILD_HINT}"
+            ) from err
 
     def close(self) -> None:
         for file, _ in self._open.values():
@@ -443,14 +523,7 @@ def open_caches(
 def cache_keys(caches: Mapping[str, str | os.PathLike], teachers: Sequence[str]) -> dict:
     """Each teacher's cache key (cache.json "key"): part of the run key, so a rebuilt cache
     (another checkpoint, preprocessing or shards) starts the run afresh instead of resuming."""
-    keys = {}
-    for name in teachers:
-        path = Path(caches[name]) / "cache.json"
-        try:
-            keys[name] = json.loads(path.read_text())["key"]
-        except (OSError, json.JSONDecodeError, KeyError) as err:
-            raise DataError(f"{path}: cannot read the cache key ({err})") from err
-    return keys
+    return {name: read_summary(caches[name])["key"] for name in teachers}
 
 
 def video_embeddings(cache: FeatureCache, rows: Sequence[int], num_frames: Sequence[int]):

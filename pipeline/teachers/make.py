@@ -75,9 +75,11 @@ def make_teacher(
     init: Path,
     threads: int,
     seed: int = 0,
+    identity: dict | None = None,
 ) -> dict:
     """Build teacher `name` per its params (teachers.<name>) into out_dir; returns its metrics.
-    images: its image set's folder; init: the imagenet teacher's model.pt (source finetune)."""
+    images: its image set's folder; init: the imagenet teacher's model.pt (source finetune);
+    identity: what else keys a trained teacher's run (the stage's code and inputs)."""
     if cfg["source"] in OFFICIAL_TRAIN_SIZES:
         return import_official(name, cfg, out_dir)
     from pipeline.teachers.train_teacher import train_teacher
@@ -104,4 +106,5 @@ def make_teacher(
         threads=threads,
         params={"crop_fraction": 1.0} if TEACHER_KINDS[name] == "parsing" else {},
         init=init if finetune else None,
+        identity=identity,
     )

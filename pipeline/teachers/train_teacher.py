@@ -58,8 +58,10 @@ def train_teacher(
     threads: int,
     params: dict,
     init: str | os.PathLike | None = None,
+    identity: dict | None = None,
 ) -> dict:
-    """Train teacher `name` on its image set in folder `images`; returns metrics.
+    """Train teacher `name` on its image set in folder `images`; returns metrics. identity:
+    anything else that keys the run (pipeline.cli.run_identity: code and inputs).
 
     arch: builder kwargs with "type" (pipeline.teachers.build_network; num_classes comes from
     the data); None takes init's arch. train: TrainSpec fields (not seed/threads) plus
@@ -137,6 +139,7 @@ def train_teacher(
         "classes": list(images.classes),
         "train_size": len(images.train),
         "eval_size": len(images.test),
+        "identity": identity,
     }
     fitted = fit(
         method,
