@@ -137,7 +137,7 @@ def cmd_train(args) -> None:
     from pipeline.dag import RunSpec, run_dir, train_stage
     from pipeline.locks import hold
 
-    run = RunSpec(args.method, args.seed, args.augment, args.tau, args.lam)
+    run = RunSpec(args.method, args.seed, args.augment, args.tau, args.lam, args.tau_squared)
     if args.init is not None:
         from pipeline.io import file_sha256
 
@@ -540,6 +540,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", action="store_true", help="video-consistent augmentation")
     p.add_argument("--tau", type=float, default=0.0, help="selfkd temperature")
     p.add_argument("--lam", type=float, default=0.0, help="selfkd KL weight")
+    p.add_argument("--tau-squared", action="store_true", help="selfkd: tau^2 on the KL term")
     p.add_argument("--init", type=Path, help="start from this model.pt instead of random init")
 
     stage("augment-figure", cmd_augment_figure, "one clip under each augmentation", dataset=True)

@@ -140,7 +140,9 @@ class SelfKDParams(Section):
     tau: Annotated[float, Field(gt=0.0)] = 5.0  # the paper's best; the authors' code: 10
     lam: Annotated[float, Field(ge=0.0)] = 0.2  # the paper's best; the authors' code: 0.1
     teacher_init: Literal["none", "random"] = "none"  # before the first val improvement
-    tau_squared: bool = False  # Hinton's tau^2 factor; the authors' code has none
+    # Hinton's tau^2 factor; the paper's equation and the authors' code have none (selfkd_table3
+    # also runs the other choice)
+    tau_squared: bool = False
 
 
 class TeacherParams(Section):

@@ -112,12 +112,14 @@ class RunSpec:
     augment: bool  # the video-consistent augmentation set (Teaching Yourself's "+ Data Aug")
     tau: float = 0.0  # selfkd only
     lam: float = 0.0  # selfkd only
+    tau_squared: bool = False  # selfkd only: Hinton's tau^2 factor on the KL term
     init: str = ""  # sha256 prefix of the checkpoint an ad-hoc run starts from ("" = random)
 
     @property
     def name(self) -> str:
         if self.method == "selfkd":
-            name = f"selfkd_t{_num(self.tau)}_l{_num(self.lam)}_s{self.seed}"
+            squared = "_sq" if self.tau_squared else ""
+            name = f"selfkd_t{_num(self.tau)}_l{_num(self.lam)}{squared}_s{self.seed}"
         else:
             name = f"{'aug' if self.augment else 'baseline'}_s{self.seed}"
         return f"{name}_init-{self.init}" if self.init else name
@@ -129,13 +131,17 @@ class RunSpec:
             args += " --augment"
         if self.method == "selfkd":
             args += f" --tau {_num(self.tau)} --lam {_num(self.lam)}"
+            if self.tau_squared:
+                args += " --tau-squared"
         return args
 
 
 def selfkd_runs(params: Params) -> dict[str, list[RunSpec]]:
-    """The runs of each Teaching Yourself table: table 3's rows over seeds, table 8's grid."""
+    """The runs of each Teaching Yourself table: table 3's rows over seeds (Teaching Yourself with
+    the configured tau^2 choice and with the other one: without tau^2, as the paper's equation and
+    the authors' code have it, the KL gradient is under 1% of CE's at tau 5), table 8's grid."""
     t3, t8 = params.tables.selfkd_table3, params.tables.selfkd_table8
-    tau, lam = params.selfkd.tau, params.selfkd.lam
+    tau, lam, squared = params.selfkd.tau, params.selfkd.lam, params.selfkd.tau_squared
     return {
         "selfkd_table3": [
             run
@@ -143,11 +149,12 @@ def selfkd_runs(params: Params) -> dict[str, list[RunSpec]]:
             for run in (
                 RunSpec("supervised", seed, augment=False),
                 RunSpec("supervised", seed, augment=True),
-                RunSpec("selfkd", seed, augment=True, tau=tau, lam=lam),
+                RunSpec("selfkd", seed, augment=True, tau=tau, lam=lam, tau_squared=squared),
+                RunSpec("selfkd", seed, augment=True, tau=tau, lam=lam, tau_squared=not squared),
             )
         ],
         "selfkd_table8": [
-            RunSpec("selfkd", seed, augment=True, tau=t, lam=lm)
+            RunSpec("selfkd", seed, augment=True, tau=t, lam=lm, tau_squared=squared)
             for t in t8.taus
             for lm in t8.lambdas
             for seed in t8.seeds
@@ -178,7 +185,7 @@ def train_stage(dataset: str, run: RunSpec) -> Stage:
         params.append("augment")
         code.append("pipeline/data/augment.py")
     if run.method == "selfkd":
-        params += ["selfkd.teacher_init", "selfkd.tau_squared"]
+        params.append("selfkd.teacher_init")
         code.append("pipeline/methods/selfkd.py")
     out = run_dir(dataset, run.name)
     return Stage(
@@ -212,7 +219,7 @@ def selfkd_stages(params: Params) -> list[Stage]:
             cmd=f"python -m pipeline table {table}",
             deps=tuple(f"{run_dir(dataset, run.name)}metrics.json" for run in runs),
             outs=(f"results/tables/{table}.csv", f"results/figures/{table}.png"),
-            params=(f"tables.{table}", "selfkd.tau", "selfkd.lam", "dataset"),
+            params=(f"tables.{table}", "selfkd.tau", "selfkd.lam", "selfkd.tau_squared", "dataset"),
             code=("pipeline/tables.py",),
             target=True,
         )

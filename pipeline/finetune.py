@@ -55,7 +55,7 @@ def _build_method(run: RunSpec, model: torch.nn.Module, selfkd: dict):
             tau=run.tau,
             lam=run.lam,
             teacher_init=selfkd.teacher_init,
-            tau_squared=selfkd.tau_squared,
+            tau_squared=run.tau_squared,
             teacher_seed=run.seed,
         )
     raise ValueError(f"unknown method {run.method!r}; choose from {METHODS}")

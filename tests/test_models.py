@@ -262,8 +262,10 @@ def test_factories_reject_unknown_names_and_options():
 
 
 def test_bench_models_reports_positive_throughput(capsys):
-    rows = bench_models(names=["r3d_18"], frames=4, crop=32, batch_size=2, threads=[1], steps=1)
-    assert len(rows) == 1
+    rows = bench_models(
+        names=["r3d_18", "tsn_resnet18"], frames=4, crop=32, batch_size=2, threads=[1], steps=1
+    )
+    assert len(rows) == 2 and all(row["train_clips_per_s_channels_last"] > 0 for row in rows)
     assert rows[0]["parameters"] == count_parameters(
         build_video_model("r3d_18", num_classes=12, **TINY_VIDEO_SETTINGS["r3d_18"])
     )

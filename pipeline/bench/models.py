@@ -3,10 +3,13 @@
 Run: python -m pipeline.bench.models [--frames 16 --crop 40 --batch-size 32 --threads 1 2]
 Timings are the median over timed steps (after one warm-up step), which shrugs off the occasional
 stall when other processes share the cores. Training = forward + cross-entropy + backward + SGD
-step; inference = eval-mode forward under torch.inference_mode.
+step; inference = eval-mode forward under torch.inference_mode. Training is timed with contiguous
+weights and clips and with channels-last ones (what `train.channels_last` does, on CPU too), side
+by side.
 """
 
 import argparse
+import copy
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -53,6 +56,16 @@ def train_gflops_per_clip(model: nn.Module, clips: torch.Tensor) -> float:
     return counter.get_total_flops() / len(few) / 1e9
 
 
+def channels_last(model: nn.Module, clips: torch.Tensor) -> tuple[nn.Module, torch.Tensor]:
+    """The model and clips as pipeline.train.fit lays them out with channels_last: the model in
+    its own memory format, the clips channels-last 3D only for a 3D model (a TSN folds time into
+    the batch itself)."""
+    model = model.to(memory_format=model.memory_format)
+    if model.memory_format == torch.channels_last_3d:
+        clips = clips.contiguous(memory_format=torch.channels_last_3d)
+    return model, clips
+
+
 def inference_clips_per_second(model: nn.Module, clips: torch.Tensor, *, steps: int) -> float:
     model.eval()
     with torch.inference_mode():
@@ -95,11 +108,17 @@ def bench_models(
                     "train_clips_per_s": train_clips_per_second(model, clips, labels, steps=steps),
                     "inference_clips_per_s": inference_clips_per_second(model, clips, steps=steps),
                 }
+                last_model, last_clips = channels_last(copy.deepcopy(model), clips)
+                row["train_clips_per_s_channels_last"] = train_clips_per_second(
+                    last_model, last_clips, labels, steps=steps
+                )
                 rows.append(row)
                 print(
                     f"{name:14s} params {row['parameters']:>9,d}  clip {row['clip']}  "
                     f"threads {num_threads}  train {row['train_gflops_per_clip']:.3f} GFLOP/clip  "
-                    f"{row['train_clips_per_s']:7.1f} clips/s  "
+                    f"{row['train_clips_per_s']:7.1f} clips/s, channels-last "
+                    f"{row['train_clips_per_s_channels_last']:7.1f} "
+                    f"({row['train_clips_per_s_channels_last'] / row['train_clips_per_s']:.2f}x)  "
                     f"inference {row['inference_clips_per_s']:7.1f} clips/s",
                     flush=True,
                 )

@@ -234,6 +234,8 @@ def ingest(
     remove_leftovers(work_dir, "shard-", num_shards)
     _reuse_output_shards(plans, out_dir)
     pending = [plan for plan in plans if not _shard_is_current(plan)]
+    if len(pending) < len(plans):
+        print(f"ingest: keeping {len(plans) - len(pending)} finished shards of {len(plans)}")
     frame_size = None
     if codec == "raw":  # before writing: a mixed dataset must fail with no new shard on disk
         kept = [plan for plan in plans if plan not in pending]
