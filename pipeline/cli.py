@@ -99,24 +99,27 @@ def cmd_synth(args) -> None:
 def cmd_ingest(args) -> None:
     params = _declared(f"ingest_{args.dataset}")
     from pipeline.data.ingest import ingest
+    from pipeline.locks import hold
 
     source = params.datasets[args.dataset]
     cfg = params.ingest
-    summary = ingest(
-        Path(source.raw),
-        Path(f"data/shards/{args.dataset}"),
-        fmt=source.format,
-        split=source.split,
-        short_side=cfg.short_side,
-        num_shards=cfg.num_shards,
-        codec=cfg.codec,
-        jpeg_quality=cfg.jpeg_quality,
-        min_frames=cfg.min_frames,
-        workers=args.threads,
-        strict=cfg.strict,
-        seed=cfg.seed,
-        percents=cfg.percents,
-    )
+    out = Path(f"data/shards/{args.dataset}")
+    with hold(out):
+        summary = ingest(
+            Path(source.raw),
+            out,
+            fmt=source.format,
+            split=source.split,
+            short_side=cfg.short_side,
+            num_shards=cfg.num_shards,
+            codec=cfg.codec,
+            jpeg_quality=cfg.jpeg_quality,
+            min_frames=cfg.min_frames,
+            workers=args.threads,
+            strict=cfg.strict,
+            seed=cfg.seed,
+            percents=cfg.percents,
+        )
     print(f"ingest: {summary}")
 
 
@@ -220,21 +223,24 @@ def cmd_features(args) -> None:
     params = _declared(f"features_{args.dataset}_{args.teacher}")
     from pipeline.dag import features_dir, teacher_dir
     from pipeline.io import file_sha256
+    from pipeline.locks import hold
     from pipeline.teachers import load_teacher
     from pipeline.teachers.features import build_feature_cache
 
     checkpoint = Path(teacher_dir(args.teacher)) / "model.pt"
     parts_size = params.features.parts_size if args.teacher == "schp" else 8
-    build_feature_cache(
-        shard_dir=Path(f"data/shards/{args.dataset}"),
-        teacher=load_teacher(checkpoint, parts_size=parts_size),
-        checkpoint_sha256=file_sha256(checkpoint),
-        out_dir=Path(features_dir(args.dataset, args.teacher)),
-        dataset=args.dataset,
-        batch_size=params.features.batch_size,
-        device=params.features.device,
-        threads=args.threads,
-    )
+    out = Path(features_dir(args.dataset, args.teacher))
+    with hold(out):
+        build_feature_cache(
+            shard_dir=Path(f"data/shards/{args.dataset}"),
+            teacher=load_teacher(checkpoint, parts_size=parts_size),
+            checkpoint_sha256=file_sha256(checkpoint),
+            out_dir=out,
+            dataset=args.dataset,
+            batch_size=params.features.batch_size,
+            device=params.features.device,
+            threads=args.threads,
+        )
 
 
 def cmd_teacher_probe(args) -> None:

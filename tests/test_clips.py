@@ -337,7 +337,7 @@ def test_dataloader_workers_give_same_batches(shards):
 
 
 def test_dataset_rejects_bad_arguments(shards):
-    with pytest.raises(ValueError, match="crop_size 30"):
+    with pytest.raises(DataError, match="crop 30 exceeds the frames' smallest side .* dtg.crop"):
         dataset(shards[0], SegmentSampler(4, True), crop_size=30)
     with pytest.raises(ValueError, match="three_crop"):
         dataset(shards[0], SegmentSampler(4, True), three_crop=True)

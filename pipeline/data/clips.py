@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from pipeline.data.shards import ShardStore
+from pipeline.errors import DataError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -154,7 +155,11 @@ class ClipDataset(torch.utils.data.Dataset):
             raise ValueError(f"label_mask has {len(label_mask)} entries for {len(self.store)} rows")
         used = self.store.manifest.iloc[self.rows]
         if len(used) and crop_size > min(used["height"].min(), used["width"].min()):
-            raise ValueError(f"crop_size {crop_size} exceeds the smallest frame side of these rows")
+            smallest = int(min(used["height"].min(), used["width"].min()))
+            raise DataError(
+                f"{shard_dir}: crop {crop_size} exceeds the frames' smallest side ({smallest} px): "
+                "lower the crop in params.yaml (clips.crop, dtg.crop or dtg.finetune_clips.crop)"
+            )
         labels = self.store.labels
         self.labels = labels if label_mask is None else np.where(label_mask, labels, -1)
         self.sampler = sampler
