@@ -526,8 +526,9 @@ def dtg_tables(params: Params) -> dict[str, list[tuple[str, FinetuneRun]]]:
 
 
 def table_probes(table: str) -> tuple[str, ...]:
-    """The teachers whose probe rows stand beside a DTG table's rows (its guiding teachers)."""
-    return ("imagenet",) if table == "table2" else ALL_TEACHERS
+    """The teachers whose probe rows stand beside a DTG table's rows (its guiding teachers);
+    none for table 4, whose two rows both start from random weights (no probe to compare)."""
+    return {"table2": ("imagenet",), "table4": ()}.get(table, ALL_TEACHERS)
 
 
 def tsne_runs(params: Params) -> dict[str, FinetuneRun]:

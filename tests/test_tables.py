@@ -131,3 +131,16 @@ def test_teachers_table(tmp_path):
     assert list(table["metric"]) == ["top1", "mIoU"] and list(table["source"]) == ["synthetic"] * 2
     assert np.allclose(table["score"], [62.6, 53.2])
     assert list(table["cache_bytes_per_1000_frames"]) == [128000, 128000]
+
+
+def test_table4_has_no_probe_rows_and_its_figure_draws(tmp_path):
+    from pipeline.dag import table_probes
+    from pipeline.tables import write_dtg_table
+
+    rows = dtg_tables(_params([0, 1]))["table4"]
+    run_dirs, teacher_dirs = _fake_runs(tmp_path, rows, lambda label, seed: 0.2 + 0.01 * seed)
+    assert table_probes("table4") == ()
+    table = write_dtg_table("table4", rows, run_dirs, teacher_dirs, {}, tmp_path / "t4.csv",
+                            tmp_path / "t4.png")  # fmt: skip
+    assert list(table["row"]) == ["Supervised", "Supervised DTG"]
+    assert (tmp_path / "t4.png").stat().st_size > 1000
