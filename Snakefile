@@ -6,7 +6,7 @@ import sys
 sys.path.insert(0, workflow.basedir)
 
 from pipeline.config import load_params
-from pipeline.dag import build_stages
+from pipeline.dag import build_stages, caption, is_report_item
 from pipeline.errors import ConfigError
 
 try:
@@ -23,14 +23,15 @@ HAS_GPU = shutil.which("nvidia-smi") is not None
 
 def _files(paths):
     """Outputs as Snakemake declares them: folders as directory(), tables and figures as report()
-    items, so `snakemake --report report.html <target>` gathers them into one page."""
+    items with their captions, so `snakemake --report report.html <target>` gathers them into one
+    page."""
     files = []
     for path in paths:
         if path.endswith("/"):
             files.append(directory(path.rstrip("/")))
-        elif path.endswith(".png") or (path.startswith("results/tables/") and path.endswith(".csv")):
+        elif is_report_item(path):
             category = "Tables" if path.endswith(".csv") else "Figures"
-            files.append(report(path, category=category))
+            files.append(report(path, caption=caption(path), category=category))
         else:
             files.append(path)
     return files

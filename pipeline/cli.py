@@ -437,6 +437,68 @@ def cmd_tsne(args) -> None:
     )
 
 
+def cmd_tb_ssl(args) -> None:
+    stage, all_params, params = _stage(f"tb_ssl_{args.dataset}_{args.teacher}")
+    from pipeline.dag import run_dir, tb_ssl_run
+    from pipeline.locks import hold
+    from pipeline.timebalance import pretrain_ssl_teacher
+
+    tb = params.timebalance
+    ssl = tb.ssl.model_dump()
+    out = Path(run_dir(args.dataset, tb_ssl_run(args.teacher)))
+    with hold(out):
+        pretrain_ssl_teacher(
+            kind=args.teacher,
+            shard_dir=Path(f"data/shards/{args.dataset}"),
+            run_dir=out,
+            split=params.datasets[args.dataset].split,
+            model=tb.backbone.model_dump(),
+            ssl=ssl,
+            train=_trainer_fields(tb.ssl.pretrain),
+            seed=0,
+            threads=args.threads,
+            params=run_identity(stage, all_params),
+        )
+
+
+def cmd_tb_similarity(args) -> None:
+    _, _, params = _stage(f"tb_similarity_{args.dataset}")
+    from pipeline.dag import TB_SSL_KINDS, run_dir, tb_similarity_outs, tb_ssl_run
+    from pipeline.data.render import motion_only_actions
+    from pipeline.figures import similarity_figures
+    from pipeline.io import write_json_atomic
+    from pipeline.timebalance import motion_only_report, similarity_table, write_parquet
+
+    tb = params.timebalance
+    outs = tb_similarity_outs(args.dataset)
+    table = similarity_table(
+        shard_dir=Path(f"data/shards/{args.dataset}"),
+        runs={kind: Path(run_dir(args.dataset, tb_ssl_run(kind))) for kind in TB_SSL_KINDS},
+        split=params.datasets[args.dataset].split,
+        model=tb.backbone.model_dump(),
+        ssl=tb.ssl.model_dump(),
+        clamp=tb.similarity_clamp,
+        threads=args.threads,
+    )
+    motion_only = motion_only_actions()
+    report = motion_only_report(table, motion_only)
+    similarity_figures(
+        table,
+        [name for name in motion_only if name in set(table["label_name"])],
+        outs["histogram"],
+        outs["classes"],
+        title=f"TimeBalance temporal similarity s ({args.dataset})",
+    )
+    write_json_atomic(outs["report"], report)
+    write_parquet(table, outs["table"])  # last: the table marks the stage complete
+    verdict = report["motion_only"]
+    if isinstance(verdict, dict):
+        print(
+            f"s: motion-only classes {verdict['mean_s']:.3f}, others {verdict['others_mean_s']:.3f}"
+            f" (Welch p {verdict['welch_p']:.2g}): lower: {verdict['lower']}"
+        )
+
+
 def cmd_augment_figure(args) -> None:
     params = _declared(f"augment_figure_{args.dataset}")
     from pipeline.data.augment import VideoAugment, augmentation_figure
@@ -579,6 +641,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--init-teacher", choices=list(TEACHER_IMAGE_SETS), help="start from a 2D teacher"
     )
     init.add_argument("--guided-by", help="supervised DTG with these comma-separated teachers")
+
+    p = stage("tb-ssl", cmd_tb_ssl, "TimeBalance: pre-train an SSL teacher", dataset=True)
+    p.add_argument("--teacher", required=True, choices=["invariant", "distinctive"])
+    stage("tb-similarity", cmd_tb_similarity, "TimeBalance: the per-video score s", dataset=True)
 
     p = stage("table", cmd_table, "assemble a table from its runs' metrics")
     p.add_argument("table", choices=[*TABLES])

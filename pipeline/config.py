@@ -223,6 +223,49 @@ class DTGParams(Section):
     finetune_clips: ClipParams = ClipParams(frames=4, stride=8, crop=48, test_clips=3)
 
 
+class TimeBalanceSSLParams(Section):
+    """TimeBalance's two SSL teachers (pipeline/methods/timebalance.py; spec (a), (b), (g)).
+
+    Paper and authors' code disagree in places; each such choice is a key (README, "TimeBalance").
+    """
+
+    num_clips: Annotated[int, Field(ge=2, le=16)] = 4  # n local clips per video (Table 5: 2)
+    clip_frames: Annotated[int, Field(ge=1, le=128)] = 8  # frames per local clip
+    stride: Annotated[int, Field(ge=1, le=16)] = 1  # within a local clip (paper: consecutive)
+    global_frames: Annotated[int, Field(ge=1, le=512)] = 32  # spread over the whole video
+    augmentations: Annotated[int, Field(ge=1, le=2)] = 2  # of each local clip (L_D1 needs 2)
+    global_augmentations: Annotated[int, Field(ge=1, le=2)] = 2  # of the global clip
+    crop: Annotated[int, Field(ge=8, le=512)] = 40
+    flip: bool = False  # a flip turns WalkLeft into WalkRight: invariance to it loses a class
+    tau: Annotated[float, Field(gt=0.0)] = 0.1  # paper 4.2 and code
+    head_hidden: Annotated[int, Field(ge=1, le=8192)] = 512  # g's hidden width: paper 512, code 128
+    embed_dim: Annotated[int, Field(ge=1, le=8192)] = 128
+    loss_form: Literal["paper", "ntxent"] = "paper"  # Eq. 1/3, or the code's NT-Xent
+    invariant_global_weight: Annotated[float, Field(ge=0.0)] = 0.0  # the code's global L_I term
+    local_weight: Annotated[float, Field(ge=0.0)] = 1.0  # L_D1 (local-local)
+    global_local_weight: Annotated[float, Field(ge=0.0)] = 1.0  # L_D2 (global-local)
+    # paper: Adam 1e-3 halved on plateau; code: Adam 5e-3 (spec (g)4); ours: Adam 1e-3, cosine
+    pretrain: TrainParams = TrainParams(
+        epochs=10, batch_size=16, optimizer="adam", lr=1e-3, weight_decay=0.0, warmup_epochs=1
+    )
+
+    @model_validator(mode="after")
+    def _losses_have_their_views(self):
+        if self.local_weight > 0 and self.augmentations < 2:
+            raise ValueError("local_weight > 0 (L_D1) needs augmentations: 2")
+        if self.local_weight + self.global_local_weight == 0:
+            raise ValueError("local_weight and global_local_weight are both 0: f_D has no loss")
+        return self
+
+
+class TimeBalanceParams(Section):
+    """TimeBalance (pipeline/methods/timebalance.py, pipeline/timebalance.py)."""
+
+    backbone: ModelParams = ModelParams(name="r3d_18")  # the teachers' and the student's
+    ssl: TimeBalanceSSLParams = TimeBalanceSSLParams()
+    similarity_clamp: bool = False  # clamp s to [0, 1]: ours; the paper leaves s in [-1, 1]
+
+
 class SeedsTable(Section):
     seeds: tuple[NonNegInt, ...] = (0, 1, 2)
 
@@ -255,6 +298,7 @@ class Params(Section):
     teachers: TeachersParams = TeachersParams()
     features: FeaturesParams = FeaturesParams()
     dtg: DTGParams = DTGParams()
+    timebalance: TimeBalanceParams = TimeBalanceParams()
     tables: TablesParams = TablesParams()
 
     @model_validator(mode="after")

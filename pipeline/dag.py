@@ -7,7 +7,9 @@ stage. Keeping the DAG static (no Snakemake checkpoints) is what lets DVC mirror
 """
 
 import json
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import yaml
 
@@ -38,6 +40,36 @@ class Stage:
     def param_values(self, params: Params) -> str:
         """Declared params' values as canonical JSON: Snakemake reruns a rule when it changes."""
         return json.dumps({key: lookup(params, key) for key in self.params}, sort_keys=True)
+
+
+# The caption of each table and figure in `snakemake --report` (report/<name>.rst), by path.
+CAPTIONS = (
+    (r"results/tables/(selfkd_table\d|table\d|teachers)\.csv", r"\1"),
+    (r"results/figures/(selfkd_table\d|table\d)\.png", r"\1"),
+    (r"results/figures/synth_samples\.png", "synth_samples"),
+    (r"results/figures/data_.+\.png", "data_report"),
+    (r"results/figures/augmentations_.+\.png", "augmentations"),
+    (r"results/figures/dtg_.+_weights\.png", "dtg_online_weights"),
+    (r"results/figures/dtg_tsne_.+\.png", "dtg_tsne"),
+    (r"results/runs/.+/confusion\.png", "confusion"),
+    (r"results/figures/tb_similarity_classes_.+\.png", "tb_similarity_classes"),
+    (r"results/figures/tb_similarity_.+\.png", "tb_similarity"),
+)
+REPORT_DIR = Path("report")
+
+
+def is_report_item(path: str) -> bool:
+    """Tables and figures go into `snakemake --report`."""
+    return path.endswith(".png") or (path.startswith("results/tables/") and path.endswith(".csv"))
+
+
+def caption(path: str) -> str:
+    """The caption file of a report item (relative to the Snakefile): a new table or figure
+    without one stops the workflow from loading, so none reaches the report uncaptioned."""
+    for pattern, name in CAPTIONS:
+        if re.fullmatch(pattern, path):
+            return str(REPORT_DIR / f"{re.sub(pattern, name, path)}.rst")
+    raise ValueError(f"{path}: no caption in pipeline.dag.CAPTIONS; add one and report/<name>.rst")
 
 
 def _path(path: str) -> str:
@@ -663,9 +695,68 @@ def dtg_stages(params: Params) -> list[Stage]:
     return list(stages.values())
 
 
+TB_SSL_KINDS = ("invariant", "distinctive")
+TB_CODE = (
+    "pipeline/timebalance.py",
+    "pipeline/methods/timebalance.py",
+    "pipeline/data/multiclip.py",
+    "pipeline/data/clips.py",
+    "pipeline/data/samplers.py",
+    "pipeline/data/shards.py",
+    "pipeline/models/video.py",
+)
+
+
+def tb_ssl_run(kind: str) -> str:
+    return f"tb_ssl_{kind}"
+
+
+def tb_similarity_outs(dataset: str) -> dict[str, str]:
+    return {
+        "table": f"results/reports/tb_similarity_{dataset}.parquet",
+        "report": f"results/reports/tb_similarity_{dataset}.json",
+        "histogram": f"results/figures/tb_similarity_{dataset}.png",
+        "classes": f"results/figures/tb_similarity_classes_{dataset}.png",
+    }
+
+
+def timebalance_stages(params: Params) -> list[Stage]:
+    """The two SSL teachers' pre-training and the per-video temporal similarity score."""
+    dataset = params.dataset
+    declared = ("timebalance.backbone", "timebalance.ssl", f"datasets.{dataset}.split")
+    stages, teacher_files = [], []
+    for kind in TB_SSL_KINDS:
+        out = run_dir(dataset, tb_ssl_run(kind))
+        files = (f"{out}model.pt", f"{out}head.pt")
+        teacher_files += files
+        stages.append(
+            Stage(
+                name=f"tb_ssl_{dataset}_{kind}",
+                cmd=f"python -m pipeline tb-ssl --dataset {dataset} --teacher {kind}",
+                deps=(_shards(dataset),),
+                outs=(*files, f"{out}metrics.json"),
+                params=declared,
+                code=(*TB_CODE, "pipeline/train.py"),
+                gpu=1,
+            )
+        )
+    stages.append(
+        Stage(
+            name=f"tb_similarity_{dataset}",
+            cmd=f"python -m pipeline tb-similarity --dataset {dataset}",
+            deps=(_shards(dataset), *teacher_files),
+            outs=tuple(tb_similarity_outs(dataset).values()),
+            params=(*declared, "timebalance.similarity_clamp"),
+            code=(*TB_CODE, "pipeline/figures.py", "pipeline/data/render.py"),
+            target=True,
+        )
+    )
+    return stages
+
+
 def build_stages(params: Params) -> list[Stage]:
     stages = data_stages(params) + selfkd_stages(params) + teacher_stages(params)
-    stages += dtg_stages(params)
+    stages += dtg_stages(params) + timebalance_stages(params)
     names = [stage.name for stage in stages]
     duplicates = {name for name in names if names.count(name) > 1}
     if duplicates:

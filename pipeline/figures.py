@@ -1,5 +1,6 @@
-"""DTG-Net's figures: online teacher weights over training (its Figure 3) and t-SNE of the
-student's features with and without supervised DTG (its Figure 4).
+"""The methods' figures: DTG-Net's online teacher weights over training (its Figure 3) and t-SNE
+of the student's features with and without supervised DTG (its Figure 4); TimeBalance's
+temporal similarity score per video (histogram) and per class.
 
 Figures are drawn on matplotlib's Figure (Agg, no pyplot state) and written atomically.
 """
@@ -117,6 +118,44 @@ def tsne_figure(
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0, 1 - 2 / (5 * len(features_by_variant) + 2), 1))
     _save(fig, out_png)
+
+
+def similarity_figures(
+    table: pd.DataFrame, highlight: Sequence[str], histogram_png, classes_png, *, title: str
+) -> None:
+    """TimeBalance's s per video: a histogram of s and of each teacher's score, and each class's
+    videos (points) and mean (bar), sorted, the classes in `highlight` in another colour."""
+    fig = _figure(7, 4)
+    ax = fig.add_subplot()
+    bins = np.linspace(min(-0.05, table[["s", "score_invariant", "score_distinctive"]].min().min()),
+                       1.0, 41)  # fmt: skip
+    for column, label, style in (
+        ("score_invariant", "f_I alone", {"histtype": "step", "color": "C0"}),
+        ("score_distinctive", "f_D alone", {"histtype": "step", "color": "C1"}),
+        ("s", "s (Eq. 6)", {"alpha": 0.5, "color": "C2"}),
+    ):
+        ax.hist(table[column], bins=bins, label=label, **style)
+    ax.set_xlabel("mean cosine between a video's clips")
+    ax.set_ylabel("videos")
+    ax.legend()
+    ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, histogram_png)
+
+    order = table.groupby("label_name")["s"].mean().sort_values()
+    fig = _figure(max(6, 0.5 * len(order) + 2), 4.5)
+    ax = fig.add_subplot()
+    rng = np.random.default_rng(0)  # horizontal jitter of the points only
+    for k, (name, mean) in enumerate(order.items()):
+        color = "C3" if name in highlight else "C0"
+        values = table.loc[table["label_name"] == name, "s"].to_numpy()
+        ax.bar(k, mean, color=color, alpha=0.35)
+        ax.scatter(k + rng.uniform(-0.25, 0.25, len(values)), values, s=4, color=color)
+    ax.set_xticks(range(len(order)), order.index, rotation=60, ha="right", fontsize=8)
+    ax.set_ylabel("s per video (bar: class mean)")
+    ax.set_title(f"{title}; red: classes only motion tells apart" if highlight else title)
+    fig.tight_layout()
+    _save(fig, classes_png)
 
 
 @torch.no_grad()

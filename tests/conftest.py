@@ -35,7 +35,7 @@ def project_params() -> dict:
 
 def copy_project(dest: Path) -> Path:
     """A copy of the project's tracked sources (no data, results or venv) in `dest`."""
-    for name in ("pipeline", "Snakefile", "params.yaml", "profiles", "envs"):
+    for name in ("pipeline", "Snakefile", "params.yaml", "profiles", "envs", "report"):
         src = ROOT / name
         if src.is_dir():
             shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))

@@ -56,7 +56,7 @@ def write_test_shards(
     class_names: tuple[str, ...] = ("Walk", "Run", "Jump"),
     rejected: tuple[tuple[str, str], ...] = (),
 ) -> Path:
-    """Shards in exactly the contract's format (notes/CONTRACT.md), written without ingest."""
+    """Shards in exactly the format README.md, "Shards", describes, written without ingest."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, per_shard = [], [[] for _ in range(num_shards)]
     for v, (frames, label) in enumerate(zip(videos, labels, strict=True)):

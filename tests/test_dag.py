@@ -4,10 +4,11 @@ import re
 import subprocess
 import tomllib
 
+import pytest
 import yaml
 
 from pipeline.config import load_params
-from pipeline.dag import ALL_TEACHERS, build_stages, dtg_tables, dvc_yaml
+from pipeline.dag import ALL_TEACHERS, build_stages, caption, dtg_tables, dvc_yaml, is_report_item
 from tests.conftest import BIN, ROOT, copy_project, run_cli
 
 
@@ -48,6 +49,24 @@ def test_registry_code_dependencies_exist():
     for stage in build_stages(load_params(ROOT / "params.yaml")):
         for path in stage.code:
             assert (ROOT / path).is_file(), f"{stage.name} depends on missing {path}"
+
+
+def test_every_table_and_figure_has_a_caption_for_the_report():
+    items = [
+        out
+        for stage in build_stages(load_params(ROOT / "params.yaml"))
+        for out in stage.outs
+        if is_report_item(out)
+    ]
+    assert len(items) > 50
+    for out in items:
+        text = (ROOT / caption(out)).read_text()
+        assert len(text.split()) >= 10, f"{out}: caption {caption(out)} says too little"
+    assert caption("results/figures/tb_similarity_classes_synth.png").endswith("classes.rst")
+    with pytest.raises(ValueError, match="no caption"):
+        caption("results/figures/new_figure.png")
+    captions = {path.name for path in (ROOT / "report").glob("*.rst")}
+    assert captions == {caption(out).split("/")[-1] for out in items}  # none unused
 
 
 def test_dvc_yaml_lists_declared_params_and_outputs():

@@ -47,6 +47,7 @@ TINY = {
         "pretrain": {"epochs": 2, "batch_size": 8},
         "finetune": {"epochs": 2, "batch_size": 4},
     },
+    "timebalance": {"ssl": {"head_hidden": 32, "pretrain": {"epochs": 1, "batch_size": 8}}},
     "tables": {
         "selfkd_table3": {"seeds": [0]},
         "selfkd_table8": {"taus": [5.0, 10.0], "lambdas": [0.2], "seeds": [0]},
@@ -262,3 +263,51 @@ def test_dtg_table3_through_snakemake_then_dvc_agree(data_project, tmp_path):
     started = time.monotonic()
     assert "up to date" in sh("dvc", "repro", "table3", cwd=project)
     assert time.monotonic() - started < 10
+
+
+def test_timebalance_similarity_through_snakemake_then_dvc_agree(data_project, tmp_path):
+    """Both SSL teachers and the per-video score s, in either tool, byte for byte."""
+    project = tmp_path / "project"
+    shutil.copytree(data_project, project, symlinks=True)
+    target = "results/reports/tb_similarity_synth.parquet"
+    sh("snakemake", "--cores", "2", target, cwd=project)
+    by_snakemake = pd.read_parquet(project / target)
+    manifest = pd.read_parquet(project / "data/shards/synth/manifest.parquet")
+    assert list(by_snakemake["video_id"]) == list(manifest["video_id"])
+    assert by_snakemake["s"].between(-1, 1).all()
+    report = json.loads((project / "results/reports/tb_similarity_synth.json").read_text())
+    assert report["motion_only"]["classes"] == ["SitDown", "StandUp", "WalkLeft", "WalkRight"]
+    for figure in ("tb_similarity_synth.png", "tb_similarity_classes_synth.png"):
+        assert (project / "results/figures" / figure).stat().st_size > 1000
+    assert snakemake_plan(project, target) == set()
+
+    shutil.rmtree(project / "results/runs")
+    (project / target).unlink()
+    out = sh("dvc", "repro", "tb_similarity_synth", cwd=project)
+    assert "Running stage 'tb_ssl_synth_distinctive'" in out
+    pd.testing.assert_frame_equal(by_snakemake, pd.read_parquet(project / target))
+
+
+def test_a_failed_ingest_keeps_its_finished_shards_for_both_tools(data_project, tmp_path):
+    """Both tools delete a failed job's outputs; the shards it finished are in the partial
+    folder beside them, and the next run of either tool keeps them instead of decoding again."""
+    project = tmp_path / "project"
+    shutil.copytree(data_project, project, symlinks=True)
+    stray = project / "data/raw/synth/videos/Clap/v_Clap_g99_c01.mp4"
+    stray.write_bytes(b"")  # on disk but in no split: a rejection, which strict makes fatal
+    sh("dvc", "commit", "-f", "synth", cwd=project)  # the world as it now is: no synth rerun
+    partial = project / "data/shards/.synth.partial"
+    for tool, shards, run in (
+        ("snakemake", 3, ("snakemake", "--cores", "2", "ingest_synth")),
+        ("dvc", 2, ("dvc", "repro", "ingest_synth")),
+    ):
+        edit_params(project, ingest={"strict": True, "num_shards": shards})  # every shard anew
+        out = sh(*run, cwd=project, check=False)
+        assert "strict ingest: 1 inputs rejected" in out and "in no split" in out, (tool, out)
+        assert not (project / "data/shards/synth/manifest.parquet").exists(), tool
+        assert len(list(partial.glob("shard-*.h5"))) == shards, tool
+        edit_params(project, ingest={"strict": False})
+        out = sh(*run, cwd=project)
+        assert f"keeping {shards} finished shards of {shards}" in out, (tool, out)
+        manifest = pd.read_parquet(project / "data/shards/synth/manifest.parquet")
+        assert manifest["shard"].nunique() == shards and not partial.exists(), tool

@@ -1,4 +1,4 @@
-"""Ingest of raw video datasets into HDF5 frame shards (notes/CONTRACT.md, "Shards")."""
+"""Ingest of raw video datasets into HDF5 frame shards (README.md, "Shards")."""
 
 import io
 import json

@@ -1,4 +1,4 @@
-"""Clip transforms and the clip Dataset that feeds the trainer (item format: notes/CONTRACT.md).
+"""Clip transforms and the clip Dataset that feeds the trainer (README.md, "Shards").
 
 Transforms work on uint8 (T, H, W, 3) arrays and apply the same crop/flip to every frame of a clip.
 Every random draw of an item comes from a Generator seeded by (seed, epoch, position), so items do

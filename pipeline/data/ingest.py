@@ -1,4 +1,4 @@
-"""Decode a raw video dataset into HDF5 frame shards (format: notes/CONTRACT.md, "Shards").
+"""Decode a raw video dataset into HDF5 frame shards (format: README.md, "Shards").
 
 Worker processes decode (decord, resized to the short side while decoding) and encode frames; the
 parent alone writes HDF5, one shard at a time, each to a temp name that is `os.replace`d into place.
@@ -397,7 +397,7 @@ def _write_shards(
 
 
 def _create_frames(file: h5py.File, codec: str, frame_size: tuple[int, int] | None) -> h5py.Dataset:
-    """The shard's empty, growable "frames" dataset, one frame per chunk (CONTRACT, "Shards");
+    """The shard's empty, growable "frames" dataset, one frame per chunk (README.md, "Shards");
     JPEG shards also get FRAME_CRC32, as HDF5 refuses checksum filters on variable-length data."""
     if codec == "jpeg":
         file.create_dataset(

@@ -225,6 +225,17 @@ VIDEO_ACTIONS = {
     "WalkRight": Action(_walk, cycles=2.0, travel=1, scene="street", obj="stick"),
     "Wave": Action(_wave, cycles=2.5, mirror=True, scene="kitchen", obj="cross"),
 }
+
+
+def motion_only_actions() -> list[str]:
+    """Video actions that share their pose with another (WalkLeft/WalkRight, SitDown/StandUp):
+    only motion or temporal order tells them apart."""
+    by_pose: dict = {}
+    for name, action in VIDEO_ACTIONS.items():
+        by_pose.setdefault(action.pose, []).append(name)
+    return sorted(name for names in by_pose.values() if len(names) > 1 for name in names)
+
+
 # Poses that only appear in still images (Stanford40-style extra actions).
 STILL_ACTIONS = {
     "pointing": Action(_pointing, mirror=True),

@@ -1,4 +1,4 @@
-"""Read frames of ingested videos from HDF5 shards (format: notes/CONTRACT.md, "Shards").
+"""Read frames of ingested videos from HDF5 shards (format: README.md, "Shards").
 
 A `ShardStore` is cheap to pickle: HDF5 handles cannot cross process boundaries, so they are opened
 lazily, per process, on first read (DataLoader workers each open their own).

@@ -1,7 +1,7 @@
 """Frozen image teachers: names, default preprocessing, and the project's teacher checkpoint.
 
 `save_teacher` and `load_teacher` are the only code that writes and reads the checkpoint dict
-(notes/CONTRACT.md, "Teachers"):
+(README.md, "Teachers and the feature cache"):
   {"format": "pipeline-teacher/1", "name", "kind": "classifier" | "parsing",
    "arch": {"type": "resnet_2d" | "tiny_parsing" | "schp", ...builder kwargs},
    "preprocess": Preprocess.as_dict(), "classes": [str], "state_dict",

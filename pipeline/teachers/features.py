@@ -1,4 +1,4 @@
-"""Frozen teachers' per-frame outputs, cached per dataset x teacher (CONTRACT, "Feature cache").
+"""Frozen teachers' per-frame outputs, cached per dataset x teacher (README.md, "Teachers ...").
 
 `build_feature_cache` runs a `FrozenTeacher` over every frame of a shard folder and writes one
 `feat-0000K.h5` per shard, row r aligned with `shard-0000K.h5` frames[r], then `cache.json` last:
