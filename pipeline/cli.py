@@ -10,11 +10,14 @@ import sys
 from pathlib import Path
 
 from pipeline.config import DeclaredParams, load_params
-from pipeline.dag import TEACHER_IMAGE_SETS, WEIGHTINGS
+from pipeline.dag import TB_SSL_KINDS, TB_VARIANTS, TEACHER_IMAGE_SETS, WEIGHTINGS
 from pipeline.errors import ConfigError, DataError
 
 EXIT_CONFIG = 2
-TABLES = ("selfkd_table3", "selfkd_table8", "teachers", "table3", "table2", "table4", "table1")
+TABLES = (
+    "selfkd_table3", "selfkd_table8", "teachers", "table3", "table2", "table4", "table1",
+    "tb_table2", "tb_table3",
+)  # fmt: skip
 
 
 def _stage(stage_name: str):
@@ -184,6 +187,8 @@ def cmd_table(args) -> None:
         return _teachers_table()
     if args.table in ("table3", "table2", "table4", "table1"):
         return _dtg_table(args.table)
+    if args.table.startswith("tb_"):
+        return _tb_table(args.table)
     _, all_params, params = _stage(args.table)
     from pipeline.dag import run_dir, selfkd_runs
     from pipeline.tables import write_selfkd_table
@@ -411,6 +416,21 @@ def _dtg_table(name: str) -> None:
     )
 
 
+def _tb_table(name: str) -> None:
+    _, all_params, params = _stage(name)
+    from pipeline.dag import run_dir, tb_tables
+    from pipeline.tables import write_tb_table
+
+    rows = tb_tables(all_params)[name]
+    write_tb_table(
+        name,
+        rows,
+        {run.name: Path(run_dir(params.dataset, run.name)) for _, run in rows},
+        Path(f"results/tables/{name}.csv"),
+        Path(f"results/figures/{name}.png"),
+    )
+
+
 def cmd_tsne(args) -> None:
     _, all_params, params = _stage(f"tsne_{args.dataset}")
     from pipeline.dag import run_dir, tsne_runs
@@ -463,7 +483,7 @@ def cmd_tb_ssl(args) -> None:
 
 def cmd_tb_similarity(args) -> None:
     _, _, params = _stage(f"tb_similarity_{args.dataset}")
-    from pipeline.dag import TB_SSL_KINDS, run_dir, tb_similarity_outs, tb_ssl_run
+    from pipeline.dag import TB_TEACHERS, run_dir, tb_similarity_outs, tb_ssl_run
     from pipeline.data.render import motion_only_actions
     from pipeline.figures import similarity_figures
     from pipeline.io import write_json_atomic
@@ -473,7 +493,7 @@ def cmd_tb_similarity(args) -> None:
     outs = tb_similarity_outs(args.dataset)
     table = similarity_table(
         shard_dir=Path(f"data/shards/{args.dataset}"),
-        runs={kind: Path(run_dir(args.dataset, tb_ssl_run(kind))) for kind in TB_SSL_KINDS},
+        runs={kind: Path(run_dir(args.dataset, tb_ssl_run(kind))) for kind in TB_TEACHERS},
         split=params.datasets[args.dataset].split,
         model=tb.backbone.model_dump(),
         ssl=tb.ssl.model_dump(),
@@ -497,6 +517,59 @@ def cmd_tb_similarity(args) -> None:
             f"s: motion-only classes {verdict['mean_s']:.3f}, others {verdict['others_mean_s']:.3f}"
             f" (Welch p {verdict['welch_p']:.2g}): lower: {verdict['lower']}"
         )
+
+
+def _tb_train(args, run, stage_name: str, student: dict | None) -> None:
+    """A TimeBalance fine-tune or student run: train_run on the run's labeled budget."""
+    stage, all_params, params = _stage(stage_name)
+    from pipeline.dag import RunSpec, run_dir, tb_ssl_run
+    from pipeline.finetune import ClipSpec, train_run
+    from pipeline.locks import hold
+
+    tb = params.timebalance
+    out = Path(run_dir(args.dataset, run.name))
+    init = None if run.init == "random" else Path(run_dir(args.dataset, tb_ssl_run(run.init)))
+    with hold(out):
+        train_run(
+            Path(f"data/shards/{args.dataset}"),
+            out,
+            run=RunSpec("supervised", run.seed, augment=False),
+            split=params.datasets[args.dataset].split,
+            clips=ClipSpec(**tb.clips.model_dump()),
+            model=tb.backbone.model_dump(),
+            train=(tb.student.train if student else tb.finetune).model_dump(),
+            augment=None,
+            threads=args.threads,
+            params=run_identity(stage, all_params),
+            init=None if init is None else init / "model.pt",
+            labeled_percent=run.percent,
+            student=student,
+        )
+
+
+def cmd_tb_finetune(args) -> None:
+    from pipeline.dag import TBRun
+
+    run = TBRun(args.init, args.percent, args.seed)
+    _tb_train(args, run, f"tb_finetune_{args.dataset}_{run.name}", student=None)
+
+
+def cmd_tb_student(args) -> None:
+    from pipeline.dag import TB_VARIANTS, TBRun, run_dir, tb_similarity_outs
+
+    run = TBRun(args.init, args.percent, args.seed, args.variant)
+    params = _declared(f"tb_student_{args.dataset}_{run.name}").timebalance.student
+    teachers, reweight = TB_VARIANTS[run.variant]
+    student = {
+        "teachers": {
+            t.init: Path(run_dir(args.dataset, t.name)) / "model.pt" for t in run.teachers
+        },
+        "scores": Path(tb_similarity_outs(args.dataset)["table"]),
+        "variant": teachers,
+        "reweight": reweight,
+        **params.model_dump(exclude={"train"}),
+    }
+    _tb_train(args, run, f"tb_student_{args.dataset}_{run.name}", student=student)
 
 
 def cmd_augment_figure(args) -> None:
@@ -643,8 +716,18 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--guided-by", help="supervised DTG with these comma-separated teachers")
 
     p = stage("tb-ssl", cmd_tb_ssl, "TimeBalance: pre-train an SSL teacher", dataset=True)
-    p.add_argument("--teacher", required=True, choices=["invariant", "distinctive"])
+    p.add_argument("--teacher", required=True, choices=list(TB_SSL_KINDS))
     stage("tb-similarity", cmd_tb_similarity, "TimeBalance: the per-video score s", dataset=True)
+
+    p = stage("tb-finetune", cmd_tb_finetune, "TimeBalance: f_S, f_I or f_D", dataset=True)
+    p.add_argument("--init", required=True, choices=["invariant", "distinctive", "tclr", "random"])
+    p.add_argument("--percent", type=int, required=True, help="the labeled budget")
+    p.add_argument("--seed", type=int, required=True)
+    p = stage("tb-student", cmd_tb_student, "TimeBalance: a student", dataset=True)
+    p.add_argument("--variant", required=True, choices=list(TB_VARIANTS))
+    p.add_argument("--init", required=True, choices=["tclr", "random"])
+    p.add_argument("--percent", type=int, required=True, help="the labeled budget")
+    p.add_argument("--seed", type=int, required=True)
 
     p = stage("table", cmd_table, "assemble a table from its runs' metrics")
     p.add_argument("table", choices=[*TABLES])

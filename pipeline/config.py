@@ -258,12 +258,28 @@ class TimeBalanceSSLParams(Section):
         return self
 
 
+class TimeBalanceStudentParams(Section):
+    """The semi-supervised student (spec (e)): CE + omega * D(p_T, p_S)."""
+
+    distance: Literal["l2", "kl", "js"] = "l2"  # Table 6; paper and code: l2
+    class_reduction: Literal["mean", "sum"] = "mean"  # the code's MSE mean over classes
+    # the code's weights on labeled / unlabeled clips; the paper has one omega, value not given
+    omega_labeled: Annotated[float, Field(ge=0.0)] = 50.0
+    omega_unlabeled: Annotated[float, Field(ge=0.0)] = 100.0
+    train: TrainParams = TrainParams(epochs=15, batch_size=16, lr=0.05, warmup_epochs=1)
+
+
 class TimeBalanceParams(Section):
     """TimeBalance (pipeline/methods/timebalance.py, pipeline/timebalance.py)."""
 
     backbone: ModelParams = ModelParams(name="r3d_18")  # the teachers' and the student's
     ssl: TimeBalanceSSLParams = TimeBalanceSSLParams()
     similarity_clamp: bool = False  # clamp s to [0, 1]: ours; the paper leaves s in [-1, 1]
+    # clips of every fine-tune and student (and their tests)
+    clips: ClipParams = ClipParams(frames=8, stride=2, crop=40, test_clips=3)
+    # f_S, f_I and f_D: supervised fine-tuning on the labeled subset from their SSL backbones
+    finetune: TrainParams = TrainParams(epochs=15, batch_size=16, lr=0.05, warmup_epochs=1)
+    student: TimeBalanceStudentParams = TimeBalanceStudentParams()
 
 
 class SeedsTable(Section):
@@ -276,6 +292,11 @@ class SelfKDGridTable(Section):
     seeds: tuple[NonNegInt, ...] = (0,)
 
 
+class BudgetsTable(Section):
+    seeds: tuple[NonNegInt, ...] = (0, 1, 2)
+    percents: tuple[Literal[1, 5, 10, 20, 50], ...] = (5, 20)  # labeled budgets (ingest.percents)
+
+
 class TablesParams(Section):
     selfkd_table3: SeedsTable = SeedsTable()
     selfkd_table8: SelfKDGridTable = SelfKDGridTable()
@@ -283,6 +304,8 @@ class TablesParams(Section):
     table2: SeedsTable = SeedsTable(seeds=(0,))  # DTG-Net: input ablation
     table4: SeedsTable = SeedsTable()  # DTG-Net: supervised DTG vs without
     table1: SeedsTable = SeedsTable()  # DTG-Net: initialisations vs DTG
+    tb_table2: BudgetsTable = BudgetsTable()  # TimeBalance: teacher contributions
+    tb_table3: BudgetsTable = BudgetsTable()  # TimeBalance: the same, random-init student
 
 
 class Params(Section):
@@ -315,12 +338,17 @@ class Params(Section):
                 f"datasets.synth is missing, but teachers {synthetic_images} train on the "
                 "synthetic world's images (teachers.<name>.images is empty)"
             )
-        budget = self.dtg.labeled_percent
-        if budget != 100 and budget not in self.ingest.percents:
-            raise ValueError(
-                f"dtg.labeled_percent {budget} is not among ingest.percents "
-                f"{list(self.ingest.percents)}: ingest would not write that labeled subset"
-            )
+        budgets = {"dtg.labeled_percent": [self.dtg.labeled_percent]} | {
+            f"tables.{name}.percents": list(getattr(self.tables, name).percents)
+            for name in ("tb_table2", "tb_table3")
+        }
+        for key, percents in budgets.items():
+            for budget in percents:
+                if budget != 100 and budget not in self.ingest.percents:
+                    raise ValueError(
+                        f"{key} {budget} is not among ingest.percents "
+                        f"{list(self.ingest.percents)}: ingest would not write that labeled subset"
+                    )
         return self
 
 

@@ -44,8 +44,8 @@ class Stage:
 
 # The caption of each table and figure in `snakemake --report` (report/<name>.rst), by path.
 CAPTIONS = (
-    (r"results/tables/(selfkd_table\d|table\d|teachers)\.csv", r"\1"),
-    (r"results/figures/(selfkd_table\d|table\d)\.png", r"\1"),
+    (r"results/tables/(selfkd_table\d|table\d|tb_table\d|teachers)\.csv", r"\1"),
+    (r"results/figures/(selfkd_table\d|table\d|tb_table\d)\.png", r"\1"),
     (r"results/figures/synth_samples\.png", "synth_samples"),
     (r"results/figures/data_.+\.png", "data_report"),
     (r"results/figures/augmentations_.+\.png", "augmentations"),
@@ -695,7 +695,15 @@ def dtg_stages(params: Params) -> list[Stage]:
     return list(stages.values())
 
 
-TB_SSL_KINDS = ("invariant", "distinctive")
+TB_SSL_KINDS = ("invariant", "distinctive", "tclr")  # tclr: the student's initialisation
+TB_TEACHERS = ("invariant", "distinctive")
+# Student variants: (TimeBalanceStudent's `teachers`, reweight)
+TB_VARIANTS = {
+    "invariant": ("invariant", False),
+    "distinctive": ("distinctive", False),
+    "average": ("both", False),
+    "reweighted": ("both", True),
+}
 TB_CODE = (
     "pipeline/timebalance.py",
     "pipeline/methods/timebalance.py",
@@ -720,26 +728,110 @@ def tb_similarity_outs(dataset: str) -> dict[str, str]:
     }
 
 
+@dataclass(frozen=True)
+class TBRun:
+    """One TimeBalance run: a supervised fine-tune (`variant` "" ; f_S, f_I, f_D) from the SSL
+    backbone `init` (or random), or a student of `variant` (TB_VARIANTS) starting from `init`."""
+
+    init: str  # "invariant" | "distinctive" | "tclr" | "random"
+    percent: int
+    seed: int
+    variant: str = ""
+
+    @property
+    def name(self) -> str:
+        kind = f"student_{self.variant}" if self.variant else "ft"
+        return f"tb_{kind}_{self.init}_p{self.percent}_s{self.seed}"
+
+    @property
+    def args(self) -> str:
+        args = f"--init {self.init} --percent {self.percent} --seed {self.seed}"
+        return f"--variant {self.variant} {args}" if self.variant else args
+
+    @property
+    def teachers(self) -> tuple["TBRun", ...]:
+        """The fine-tuned teachers a student distils (same budget and seed)."""
+        if not self.variant:
+            return ()
+        used = TB_VARIANTS[self.variant][0]
+        kinds = TB_TEACHERS if used == "both" else (used,)
+        return tuple(TBRun(kind, self.percent, self.seed) for kind in kinds)
+
+
+def tb_tables(params: Params) -> dict[str, list[tuple[str, TBRun]]]:
+    """Each TimeBalance table's (row label, run) pairs over its budgets and seeds: Table 2 with
+    the TCLR-initialised student, Table 3 with a randomly initialised one."""
+    tables = {}
+    for table, init in (("tb_table2", "tclr"), ("tb_table3", "random")):
+        spec = getattr(params.tables, table)
+        rows = []
+        for percent in spec.percents:
+            for seed in spec.seeds:
+                rows.append(("f_S", TBRun(init, percent, seed)))
+                if table == "tb_table2":
+                    rows += [(f"f_{k[0].upper()}", TBRun(k, percent, seed)) for k in TB_TEACHERS]
+                rows += [(TB_ROWS[v], TBRun(init, percent, seed, v)) for v in TB_VARIANTS]
+        tables[table] = rows
+    return tables
+
+
+TB_ROWS = {
+    "invariant": "S+I",
+    "distinctive": "S+D",
+    "average": "S+I+D averaged",
+    "reweighted": "S+I+D reweighted",
+}
+
+
+def tb_run_stage(dataset: str, run: TBRun) -> Stage:
+    declared = ["timebalance.backbone", "timebalance.clips", f"datasets.{dataset}.split"]
+    deps = [_shards(dataset)]
+    if run.init != "random":
+        deps.append(f"{run_dir(dataset, tb_ssl_run(run.init))}model.pt")
+    if run.variant:
+        declared.append("timebalance.student")
+        deps.append(tb_similarity_outs(dataset)["table"])
+        deps += [f"{run_dir(dataset, t.name)}model.pt" for t in run.teachers]
+        command = "tb-student"
+    else:
+        declared.append("timebalance.finetune")
+        command = "tb-finetune"
+    out = run_dir(dataset, run.name)
+    return Stage(
+        name=f"{command.replace('-', '_')}_{dataset}_{run.name}",
+        cmd=f"python -m pipeline {command} --dataset {dataset} {run.args}",
+        deps=tuple(deps),
+        outs=(f"{out}model.pt", f"{out}metrics.json", f"{out}confusion.png"),
+        params=tuple(declared),
+        code=(*TB_CODE, *TRAIN_CODE),
+        gpu=1,
+    )
+
+
 def timebalance_stages(params: Params) -> list[Stage]:
-    """The two SSL teachers' pre-training and the per-video temporal similarity score."""
+    """The SSL teachers and the student's initialisation, the per-video temporal similarity
+    score, the fine-tunes, the students and the tables."""
     dataset = params.dataset
     declared = ("timebalance.backbone", "timebalance.ssl", f"datasets.{dataset}.split")
-    stages, teacher_files = [], []
+    stages = []
     for kind in TB_SSL_KINDS:
         out = run_dir(dataset, tb_ssl_run(kind))
-        files = (f"{out}model.pt", f"{out}head.pt")
-        teacher_files += files
         stages.append(
             Stage(
                 name=f"tb_ssl_{dataset}_{kind}",
                 cmd=f"python -m pipeline tb-ssl --dataset {dataset} --teacher {kind}",
                 deps=(_shards(dataset),),
-                outs=(*files, f"{out}metrics.json"),
+                outs=(f"{out}model.pt", f"{out}head.pt", f"{out}metrics.json"),
                 params=declared,
                 code=(*TB_CODE, "pipeline/train.py"),
                 gpu=1,
             )
         )
+    teacher_files = [
+        f"{run_dir(dataset, tb_ssl_run(kind))}{file}"
+        for kind in TB_TEACHERS
+        for file in ("model.pt", "head.pt")
+    ]
     stages.append(
         Stage(
             name=f"tb_similarity_{dataset}",
@@ -751,7 +843,25 @@ def timebalance_stages(params: Params) -> list[Stage]:
             target=True,
         )
     )
-    return stages
+    runs: dict[str, Stage] = {}
+    for table, rows in tb_tables(params).items():
+        for _, run in rows:
+            for needed in (*run.teachers, run):
+                runs.setdefault(needed.name, tb_run_stage(dataset, needed))
+        stages.append(
+            Stage(
+                name=table,
+                cmd=f"python -m pipeline table {table}",
+                deps=tuple(
+                    dict.fromkeys(f"{run_dir(dataset, r.name)}metrics.json" for _, r in rows)
+                ),
+                outs=(f"results/tables/{table}.csv", f"results/figures/{table}.png"),
+                params=(f"tables.{table}", "dataset"),
+                code=("pipeline/tables.py",),
+                target=True,
+            )
+        )
+    return stages + list(runs.values())
 
 
 def build_stages(params: Params) -> list[Stage]:

@@ -28,10 +28,12 @@ from pipeline.io import file_sha256, write_json_atomic
 from pipeline.methods.dtg import DTG
 from pipeline.methods.selfkd import TeachingYourself
 from pipeline.methods.supervised import Supervised
+from pipeline.methods.timebalance import TimeBalanceStudent
 from pipeline.models import build_video_model
 from pipeline.models.inflate import inflate_resnet2d_into_r3d
 from pipeline.models.video import VideoResNet
 from pipeline.teachers.features import cache_keys, open_caches
+from pipeline.timebalance import StudentClipDataset, read_scores
 from pipeline.train import TrainSpec, fit, load_checkpoint, make_loader, seed_everything
 
 METHODS = ("supervised", "selfkd")
@@ -206,6 +208,7 @@ def train_run(
     init_teacher: Path | None = None,
     labeled_percent: int | None = None,
     guided: dict | None = None,
+    student: dict | None = None,
 ) -> dict:
     """Train one run and test it; writes run_dir/{model.pt, metrics.json, confusion.png}.
 
@@ -218,6 +221,10 @@ def train_run(
     guided: supervised DTG (alpha L_CT + beta L_CE, pipeline.methods.dtg) with keys caches
     (teacher -> feature cache folder), segments, guidance, overlap, flip, alpha, beta, tau,
     queue_size, proj_hidden; its training clips are GuidedClipDataset's sparse sequences.
+    student: TimeBalance's semi-supervised student (pipeline.methods.timebalance) with keys
+    teachers (kind -> fine-tuned teacher model.pt), scores (the similarity stage's parquet) and
+    TimeBalanceStudent's keywords variant ("teachers"), reweight, distance, class_reduction,
+    omega_labeled, omega_unlabeled; it trains on the labeled subset and the other train videos.
     """
     train = dict(train)
     batch_size = train.pop("batch_size")
@@ -231,7 +238,21 @@ def train_run(
     rows = split_rows(manifest, split_col, val_fraction, seed=0, labeled_percent=labeled_percent)
     num_classes = int(manifest["label"].max()) + 1
 
-    if guided is None:
+    if student is not None:
+        everything = split_rows(manifest, split_col, val_fraction, seed=0)["train"]
+        train_set = StudentClipDataset(
+            shard_dir,
+            labeled_rows=rows["train"],
+            unlabeled_rows=np.setdiff1d(everything, rows["train"]),
+            scores=read_scores(student["scores"], shard_dir),
+            sampler=DenseSampler(clips.frames, clips.stride, train=True),
+            crop_size=clips.crop,
+            seed=run.seed,
+            flip=True,
+        )
+        inputs = {"scores": student["scores"], **student["teachers"]}
+        params = {**params, "inputs_sha256": {k: file_sha256(p) for k, p in inputs.items()}}
+    elif guided is None:
         train_set = train_clip_dataset(
             shard_dir,
             rows["train"],
@@ -276,7 +297,19 @@ def train_run(
     if init_teacher is not None:
         load_teacher_init(network, init_teacher)
         params = {**params, "init_sha256": file_sha256(init_teacher)}
-    if guided is None:
+    if student is not None:
+        teachers = {}
+        for kind, path in student["teachers"].items():
+            teachers[f"{kind}_teacher"] = build_video_model(num_classes=num_classes, **model)
+            load_init(teachers[f"{kind}_teacher"], path)
+        options = ("reweight", "distance", "class_reduction", "omega_labeled", "omega_unlabeled")
+        method = TimeBalanceStudent(
+            network,
+            **teachers,
+            teachers=student["variant"],
+            **{k: student[k] for k in options},
+        )
+    elif guided is None:
         method = _build_method(run, network, selfkd)
     else:
         method = DTG(

@@ -431,3 +431,57 @@ def write_dtg_table(
     title, reference = DTG_TITLES[name]
     _bar_figure(table, title, png_path, reference)
     return write_table(table, csv_path)
+
+
+# TimeBalance's Tables 2 and 3 (R3D-50, UCF101 at 5% and 20% labeled): spec (f).
+TB_PAPER = {
+    "tb_table2": {
+        "f_S": (48.66, 79.70), "f_I": (43.79, 74.55), "f_D": (44.08, 75.13),
+        "S+I": (47.95, 79.28), "S+D": (48.81, 79.76), "S+I+D averaged": (52.14, 82.02),
+        "S+I+D reweighted": (53.48, 83.26),
+    },
+    "tb_table3": {
+        "f_S": (25.60, 46.20), "S+I": (43.94, 74.85), "S+D": (44.30, 75.22),
+        "S+I+D averaged": (49.57, 80.06), "S+I+D reweighted": (53.10, 83.00),
+    },
+}  # fmt: skip
+TB_PAPER_PERCENTS = (5, 20)
+TB_TITLES = {
+    "tb_table2": "TimeBalance table 2: teacher contributions",
+    "tb_table3": "TimeBalance table 3: random-init student",
+}
+
+
+def tb_table(name: str, rows: Sequence[tuple[str, object]], run_dirs: dict) -> pd.DataFrame:
+    """TimeBalance's table 2 or 3 from its (row label, TBRun) pairs (pipeline.dag.tb_tables):
+    per labeled budget, acc@1, acc@5 and probe@1 over the seeds, each row compared seed by seed
+    with f_S (the supervised baseline on the same initialisation), with each fine-tuned teacher
+    alone (f_I, f_D: table 2) and with S+I+D averaged (does reweighting by s pay?)."""
+    records = [
+        {"budget": run.percent, "row": label, "seed": run.seed,
+         **finetune_metrics(run_dirs[run.name])}
+        for label, run in rows
+    ]  # fmt: skip
+    frame = pd.DataFrame(records)
+    parts = []
+    for budget, per_budget in frame.groupby("budget", sort=False):
+        table = _summarise(per_budget, ["budget", "row"], ["acc@1", "acc@5", "probe@1"])
+        for reference in ("f_S", "f_I", "f_D", "S+I+D averaged"):
+            if reference in set(per_budget["row"]):
+                table = compare_paired(table, per_budget, reference, [("acc@1", "")])
+        if budget in TB_PAPER_PERCENTS:
+            column = TB_PAPER_PERCENTS.index(budget)
+            table["paper_acc@1"] = [
+                TB_PAPER[name].get(r, (None, None))[column] for r in table["row"]
+            ]
+        parts.append(table)
+    return pd.concat(parts, ignore_index=True)
+
+
+def write_tb_table(name: str, rows, run_dirs: dict, csv_path: Path, png_path: Path) -> pd.DataFrame:
+    table = tb_table(name, rows, run_dirs)
+    labelled = table.assign(
+        row=[f"{r} ({b}%)" for r, b in zip(table["row"], table["budget"], strict=True)]
+    )
+    _bar_figure(labelled, TB_TITLES[name], png_path, reference=None)
+    return write_table(table, csv_path)

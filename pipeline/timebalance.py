@@ -8,9 +8,11 @@ withheld, and writes into run_dir:
                 is computed on g's outputs
   metrics.json  fit's metrics plus the teacher kind, the SSL videos and the per-epoch history
 `similarity_table` computes the temporal similarity score s per video (Eq. 5-6) from both SSL
-teachers, once, before any fine-tuning (Alg. 1 l.16). Where the paper is silent (which clips,
-crops and augmentation give s), ours: each video's n local clips at the centre of their windows,
-centre-cropped, unaugmented, so s is a fixed property of the video and its teachers.
+teachers, once, before any fine-tuning (Alg. 1 l.16). `StudentClipDataset` feeds the student
+(pipeline.finetune.train_run with `student`): labeled and unlabeled clips with their video's s.
+Where the paper is silent (which clips, crops and augmentation give s), ours: each video's n
+local clips at the centre of their windows, centre-cropped, unaugmented, so s is a fixed property
+of the video and its teachers.
 """
 
 import json
@@ -22,7 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline.data.clips import prepare_video, select_rows
+from pipeline.data.clips import ClipDataset, prepare_video, select_rows
 from pipeline.data.multiclip import MultiClipDataset
 from pipeline.data.shards import read_manifest
 from pipeline.errors import DataError
@@ -44,7 +46,7 @@ from pipeline.train import (
     seed_everything,
 )
 
-SSL_KINDS = ("invariant", "distinctive")
+SSL_KINDS = ("invariant", "distinctive", "tclr")  # tclr: the student's initialisation
 
 
 def build_ssl_teacher(kind: str, model: dict, ssl: Mapping) -> SSLTeacher:
@@ -67,6 +69,7 @@ def build_ssl_teacher(kind: str, model: dict, ssl: Mapping) -> SSLTeacher:
         **common,
         local_weight=ssl["local_weight"],
         global_weight=ssl["global_local_weight"],
+        instance_weight=1.0 if kind == "tclr" else 0.0,
     )
 
 
@@ -211,7 +214,7 @@ def similarity_table(
     table = manifest[["video_id", "label", "label_name", f"split{split}"]].rename(
         columns={f"split{split}": "split"}
     )
-    for kind in SSL_KINDS:
+    for kind in ("invariant", "distinctive"):
         teacher = load_ssl_teacher(runs[kind], kind, model, ssl)
         dataset = ssl_dataset(shard_dir, rows, ssl, kind=kind, seed=0, train=False)
         table[f"score_{kind}"] = teacher_scores(teacher, dataset, batch_size, threads)
@@ -250,3 +253,56 @@ def motion_only_report(table: pd.DataFrame, motion_only: list[str]) -> dict:
 def write_parquet(table: pd.DataFrame, path: str | os.PathLike) -> None:
     with atomic_path(path, suffix=".parquet") as tmp:
         table.to_parquet(tmp, index=False)
+
+
+class StudentClipDataset(ClipDataset):
+    """The semi-supervised student's training clips (spec (e)): every item carries its video's s
+    under "score"; unlabeled videos have label -1.
+
+    An epoch is the labeled videos and as many unlabeled ones, drawn afresh each epoch (from
+    (seed, epoch)) out of the unlabeled pool, shuffled together: a batch holds about as many of
+    each. The authors zip a labeled and an unlabeled loader of 16 videos each and end the epoch
+    with the labeled one, which gives the same counts per epoch.
+    """
+
+    def __init__(
+        self,
+        shard_dir: str | os.PathLike,
+        *,
+        labeled_rows: np.ndarray,
+        unlabeled_rows: np.ndarray,
+        scores: np.ndarray,
+        **clip_options,
+    ):
+        rows = np.concatenate([labeled_rows, unlabeled_rows]).astype(np.int64)
+        manifest_rows = len(read_manifest(shard_dir))
+        if len(scores) != manifest_rows:
+            raise DataError(f"{len(scores)} scores s for the {manifest_rows} videos of {shard_dir}")
+        label_mask = np.zeros(manifest_rows, dtype=bool)
+        label_mask[labeled_rows] = True
+        super().__init__(shard_dir, rows=rows, train=True, label_mask=label_mask, **clip_options)
+        self.num_labeled = len(labeled_rows)
+        self.num_unlabeled = min(len(unlabeled_rows), self.num_labeled)
+        self.scores = np.asarray(scores, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return self.num_labeled + self.num_unlabeled
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        epoch, position = key if isinstance(key, tuple) else (self.epoch, key)
+        if position >= self.num_labeled:  # the epoch's draw from the unlabeled pool
+            pool = len(self.rows) - self.num_labeled
+            draw = np.random.default_rng([self.seed, epoch, 1 << 20]).permutation(pool)
+            position = self.num_labeled + int(draw[position - self.num_labeled])
+        item = super().__getitem__((epoch, position))
+        item["score"] = float(self.scores[item["index"]])
+        return item
+
+
+def read_scores(path: str | os.PathLike, shard_dir: str | os.PathLike) -> np.ndarray:
+    """s per manifest row from the similarity stage's table, checked against the shards."""
+    table = pd.read_parquet(path)
+    manifest = read_manifest(shard_dir)
+    if list(table["video_id"]) != list(manifest["video_id"]):
+        raise DataError(f"{path}: its videos are not those of {shard_dir}: run tb_similarity again")
+    return table["s"].to_numpy(np.float32)

@@ -47,11 +47,17 @@ TINY = {
         "pretrain": {"epochs": 2, "batch_size": 8},
         "finetune": {"epochs": 2, "batch_size": 4},
     },
-    "timebalance": {"ssl": {"head_hidden": 32, "pretrain": {"epochs": 1, "batch_size": 8}}},
+    "timebalance": {
+        "ssl": {"head_hidden": 32, "pretrain": {"epochs": 1, "batch_size": 8}},
+        "finetune": {"epochs": 2, "batch_size": 4},
+        "student": {"train": {"epochs": 2, "batch_size": 4}},
+    },
     "tables": {
         "selfkd_table3": {"seeds": [0]},
         "selfkd_table8": {"taus": [5.0, 10.0], "lambdas": [0.2], "seeds": [0]},
         "table3": {"seeds": [0]},
+        "tb_table2": {"seeds": [0], "percents": [50]},
+        "tb_table3": {"seeds": [0], "percents": [50]},
     },
 }
 
@@ -265,27 +271,33 @@ def test_dtg_table3_through_snakemake_then_dvc_agree(data_project, tmp_path):
     assert time.monotonic() - started < 10
 
 
-def test_timebalance_similarity_through_snakemake_then_dvc_agree(data_project, tmp_path):
-    """Both SSL teachers and the per-video score s, in either tool, byte for byte."""
+def test_timebalance_table2_through_snakemake_then_dvc_agree(data_project, tmp_path):
+    """Three SSL runs, the score s, 3 fine-tunes and 4 students, in either tool, alike."""
     project = tmp_path / "project"
     shutil.copytree(data_project, project, symlinks=True)
-    target = "results/reports/tb_similarity_synth.parquet"
+    target = "results/tables/tb_table2.csv"
     sh("snakemake", "--cores", "2", target, cwd=project)
-    by_snakemake = pd.read_parquet(project / target)
+    by_snakemake = pd.read_csv(project / target)
+    assert list(by_snakemake["row"]) == [
+        "f_S", "f_I", "f_D", "S+I", "S+D", "S+I+D averaged", "S+I+D reweighted"
+    ]  # fmt: skip
+    assert by_snakemake["acc@1_mean"].between(0, 100).all()
+    assert set(by_snakemake["beats_f_S"].dropna()) <= {"", "one seed"}
+    scores = pd.read_parquet(project / "results/reports/tb_similarity_synth.parquet")
     manifest = pd.read_parquet(project / "data/shards/synth/manifest.parquet")
-    assert list(by_snakemake["video_id"]) == list(manifest["video_id"])
-    assert by_snakemake["s"].between(-1, 1).all()
+    assert list(scores["video_id"]) == list(manifest["video_id"])
+    assert scores["s"].between(-1, 1).all()
     report = json.loads((project / "results/reports/tb_similarity_synth.json").read_text())
     assert report["motion_only"]["classes"] == ["SitDown", "StandUp", "WalkLeft", "WalkRight"]
-    for figure in ("tb_similarity_synth.png", "tb_similarity_classes_synth.png"):
+    for figure in ("tb_similarity_synth.png", "tb_similarity_classes_synth.png", "tb_table2.png"):
         assert (project / "results/figures" / figure).stat().st_size > 1000
     assert snakemake_plan(project, target) == set()
 
     shutil.rmtree(project / "results/runs")
     (project / target).unlink()
-    out = sh("dvc", "repro", "tb_similarity_synth", cwd=project)
-    assert "Running stage 'tb_ssl_synth_distinctive'" in out
-    pd.testing.assert_frame_equal(by_snakemake, pd.read_parquet(project / target))
+    out = sh("dvc", "repro", "tb_table2", cwd=project)
+    assert "Running stage 'tb_ssl_synth_tclr'" in out
+    pd.testing.assert_frame_equal(by_snakemake, pd.read_csv(project / target))
 
 
 def test_a_failed_ingest_keeps_its_finished_shards_for_both_tools(data_project, tmp_path):

@@ -212,3 +212,79 @@ def test_motion_only_report_says_whether_those_classes_score_lower():
         motion_only_report(flat, ["WalkLeft", "SitDown"])["motion_only"]["lower"] == "within noise"
     )
     assert isinstance(motion_only_report(table, ["Dance"])["motion_only"], str)
+
+
+def test_student_epochs_hold_every_labeled_video_and_as_many_unlabeled(shards):
+    from pipeline.data.samplers import DenseSampler
+    from pipeline.timebalance import StudentClipDataset
+
+    scores = np.linspace(0, 1, 12)
+    data = StudentClipDataset(
+        shards,
+        labeled_rows=np.array([1, 2]),
+        unlabeled_rows=np.array([4, 5, 7, 8, 10]),
+        scores=scores,
+        sampler=DenseSampler(4, 2, train=True),
+        crop_size=16,
+        seed=0,
+        flip=True,
+    )
+    assert len(data) == 4
+    epochs = [[data[(epoch, k)] for k in range(4)] for epoch in range(6)]
+    for items in epochs:
+        assert [item["index"] for item in items[:2]] == [1, 2]
+        assert [item["label"] for item in items[:2]] == [1 % 3, 2 % 3]
+        unlabeled = [item["index"] for item in items[2:]]
+        assert len(set(unlabeled)) == 2 and set(unlabeled) <= {4, 5, 7, 8, 10}
+        assert all(item["label"] == -1 for item in items[2:])
+        assert all(item["score"] == pytest.approx(scores[item["index"]]) for item in items)
+    assert len({tuple(item["index"] for item in items[2:]) for items in epochs}) > 1
+    with pytest.raises(DataError, match="scores"):
+        StudentClipDataset(shards, labeled_rows=np.array([1]), unlabeled_rows=np.array([4]),
+                           scores=scores[:5], sampler=DenseSampler(4, 2, train=True),
+                           crop_size=16)  # fmt: skip
+
+
+def test_student_run_distils_the_fine_tuned_teachers(shards, tmp_path):
+    from pipeline.dag import RunSpec
+    from pipeline.finetune import ClipSpec, train_run
+
+    clips = ClipSpec(frames=4, stride=2, crop=16, test_clips=2, three_crop=False)
+    common = {
+        "run": RunSpec("supervised", 0, augment=False),
+        "split": 1,
+        "clips": clips,
+        "model": TINY_MODEL,
+        "train": TRAIN | {"epochs": 2, "batch_size": 2, "val_fraction": 0.2, "optimizer": "sgd"},
+        "augment": None,
+        "threads": 1,
+        "params": {},
+        "labeled_percent": 50,
+    }
+    teachers = {}
+    for kind in ("invariant", "distinctive"):
+        train_run(shards, tmp_path / kind, **common)
+        teachers[kind] = tmp_path / kind / "model.pt"
+    scores = tmp_path / "s.parquet"
+    manifest = pd.read_parquet(shards / "manifest.parquet")
+    pd.DataFrame({"video_id": manifest["video_id"], "s": np.linspace(-0.2, 0.9, 12)}).to_parquet(
+        scores
+    )
+    student = {
+        "teachers": teachers,
+        "scores": scores,
+        "variant": "both",
+        "reweight": True,
+        "distance": "l2",
+        "class_reduction": "mean",
+        "omega_labeled": 50.0,
+        "omega_unlabeled": 100.0,
+    }
+    metrics = train_run(shards, tmp_path / "student", **common, student=student)
+    epoch = metrics["last_epoch"]
+    assert epoch["train_distill_unlabeled"] > 0 and np.isfinite(epoch["train_ce"])
+    assert "test" in metrics and (tmp_path / "student" / "confusion.png").exists()
+    bad = tmp_path / "bad.parquet"
+    pd.DataFrame({"video_id": manifest["video_id"][::-1], "s": 0.5}).to_parquet(bad)
+    with pytest.raises(DataError, match="run tb_similarity again"):
+        train_run(shards, tmp_path / "bad", **common, student=student | {"scores": bad})

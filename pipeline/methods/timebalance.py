@@ -308,6 +308,9 @@ class DistinctiveSSL(SSLTeacher):
     ours, 16 at n = 4); ours averages L_D2 over the available augmentation pairs.
     loss_form applies to L_D1 (default "paper", Eq. 3); L_D2 is cross-entropy in both.
     head_hidden: default 512 (paper), 128 in the code.
+    instance_weight: adds instance_weight * L_I (InvariantSSL's loss on the same local clips):
+    0 for f_D; 1 gives the full TCLR pre-training (instance + local-local + global-local, spec
+    (b), "TB conf_ssl.py"), the student's initialisation (spec (e)).
     """
 
     def __init__(
@@ -321,6 +324,7 @@ class DistinctiveSSL(SSLTeacher):
         loss_form: str = "paper",
         local_weight: float = 1.0,
         global_weight: float = 1.0,
+        instance_weight: float = 0.0,
     ):
         super().__init__(
             model,
@@ -332,6 +336,9 @@ class DistinctiveSSL(SSLTeacher):
         )
         if min(local_weight, global_weight) < 0 or local_weight + global_weight == 0:
             raise ValueError("local_weight and global_weight must be >= 0, not both 0")
+        if instance_weight < 0:
+            raise ValueError(f"instance_weight must be >= 0, got {instance_weight}")
+        self.instance_weight = instance_weight
         self.local_weight = local_weight
         self.global_weight = global_weight
 
@@ -364,6 +371,12 @@ class DistinctiveSSL(SSLTeacher):
                 ).mean()
                 loss = loss + self.global_weight * global_local
                 logs["global_local"] = global_local.detach()
+            if self.instance_weight:
+                instance = cross_video_contrast(
+                    z.flatten(1, 2), self.tau, self.positive_in_denominator
+                ).mean()
+                loss = loss + self.instance_weight * instance
+                logs["instance_local"] = instance.detach()
             logs["clip_similarity"] = similarity_score(z[:, 0].detach()).mean()
         return StepOutput(loss=loss, logs=logs)
 
