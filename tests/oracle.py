@@ -123,5 +123,36 @@ def student_probe(model: torch.nn.Module, shard_dir: Path, *, frames: int = 4) -
     )["top1"]
 
 
+class OrientationOracle(torch.nn.Module):
+    """A near-perfect classifier teacher for the grating world (TimeBalance's students distil
+    class scores, not features): it reads the grating's orientation off the clip (the dominant
+    gradient direction of the structure tensor summed over the smoothed frames; drift does not
+    change it) and gives that class a logit of `margin`."""
+
+    def __init__(self, margin: float = 10.0):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        frames = video.float().mean(dim=1)  # (B, T, H, W), channels averaged
+        frames = torch.nn.functional.avg_pool2d(frames, 3, stride=1)  # against the pixel noise
+        gy, gx = frames.diff(dim=2)[..., :-1], frames.diff(dim=3)[..., :-1, :]
+        jxx, jyy, jxy = ((a * b).sum((1, 2, 3)) for a, b in ((gx, gx), (gy, gy), (gx, gy)))
+        angle = 0.5 * torch.atan2(2 * jxy, jxx - jyy)  # the grating's "along" direction
+        label = torch.round(angle / (np.pi / CLASSES)).long() % CLASSES
+        return self.margin * torch.nn.functional.one_hot(label, CLASSES).float()
+
+
+class NoiseTeacher(torch.nn.Module):
+    """A classifier teacher of pure noise: fresh random logits at every call (seeded)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, video: torch.Tensor) -> torch.Tensor:
+        return 3 * torch.randn(len(video), CLASSES, generator=self.generator)
+
+
 ORACLE_LIFT = 20.0  # percentage points above random init that an oracle teacher must give
 NOISE_BAND = 10.0  # a noise teacher must stay below random init + this
