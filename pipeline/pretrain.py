@@ -31,7 +31,7 @@ from pipeline.io import atomic_path, write_json_atomic
 from pipeline.methods.dtg import DTG, offline_weights
 from pipeline.models import build_video_model
 from pipeline.teachers.features import cache_keys, open_caches
-from pipeline.train import TIMING_FIELDS, TrainSpec, fit, make_loader, seed_everything
+from pipeline.train import TIMING_FIELDS, TrainSpec, fit, full_batch_loader, seed_everything
 
 ONLINE = ("online1", "online2")
 
@@ -112,18 +112,14 @@ def pretrain_dtg(
         label_mask=np.zeros(len(manifest), dtype=bool),  # self-supervised: no labels at all
         flip=clips["flip"],
     )
-    # drop_last: under DDP every rank must gather equal batches into the queues
-    loader = make_loader(
+    loader = full_batch_loader(
         dataset,
         batch_size=batch_size,
-        shuffle=True,
         seed=seed,
         num_workers=workers,
-        drop_last=True,
         device=spec.device,
+        source=shard_dir,
     )
-    if len(loader) == 0:
-        raise DataError(f"{shard_dir}: {len(dataset)} train videos, fewer than a batch")
 
     seed_everything(seed)  # before building: initial weights and heads depend on the seed alone
     network = build_video_model(num_classes=0, **model)

@@ -40,8 +40,8 @@ from pipeline.train import (
     TIMING_FIELDS,
     TrainSpec,
     fit,
+    full_batch_loader,
     load_checkpoint,
-    make_loader,
     save_checkpoint,
     seed_everything,
 )
@@ -125,18 +125,14 @@ def pretrain_ssl_teacher(
     spec = TrainSpec(**train, seed=seed, threads=threads)
     rows = select_rows(read_manifest(shard_dir), f"split{split}", "train")
     dataset = ssl_dataset(shard_dir, rows, ssl, kind=kind, seed=seed, train=True)
-    # drop_last: the contrastive losses need full batches of other videos as negatives
-    loader = make_loader(
+    loader = full_batch_loader(
         dataset,
         batch_size=batch_size,
-        shuffle=True,
         seed=seed,
         num_workers=workers,
-        drop_last=True,
         device=spec.device,
+        source=shard_dir,
     )
-    if len(loader) == 0:
-        raise DataError(f"{shard_dir}: {len(dataset)} train videos, fewer than a batch")
     seed_everything(seed)  # before building: initial weights depend on the seed alone
     method = build_ssl_teacher(kind, model, ssl)
     run_params = {

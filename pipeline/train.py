@@ -344,6 +344,26 @@ def make_loader(
     )
 
 
+def full_batch_loader(
+    dataset: Dataset, *, batch_size: int, seed: int, num_workers: int, device: str, source
+) -> DataLoader:
+    """make_loader for self-supervised pre-training: shuffled, full batches only (contrastive
+    losses take the batch's other videos as negatives, and under DDP every rank must gather equal
+    batches); a DataError naming `source` when its videos do not fill one batch."""
+    loader = make_loader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=True,
+        seed=seed,
+        num_workers=num_workers,
+        drop_last=True,
+        device=device,
+    )
+    if len(loader) == 0:
+        raise DataError(f"{source}: {len(dataset)} train videos, fewer than a batch")
+    return loader
+
+
 class EpochTaggedSampler(Sampler):
     """Yields (epoch, index) for each index of `sampler`; set_epoch reaches the wrapped one too."""
 
