@@ -500,18 +500,17 @@ def cmd_tb_similarity(args) -> None:
         clamp=tb.similarity_clamp,
         threads=args.threads,
     )
-    motion_only = motion_only_actions()
-    report = motion_only_report(table, motion_only)
+    report = motion_only_report(table, motion_only_actions())
+    verdict = report["motion_only"]
     similarity_figures(
         table,
-        [name for name in motion_only if name in set(table["label_name"])],
+        verdict["classes"] if isinstance(verdict, dict) else [],
         outs["histogram"],
         outs["classes"],
         title=f"TimeBalance temporal similarity s ({args.dataset})",
     )
     write_json_atomic(outs["report"], report)
     write_parquet(table, outs["table"])  # last: the table marks the stage complete
-    verdict = report["motion_only"]
     if isinstance(verdict, dict):
         print(
             f"s: motion-only classes {verdict['mean_s']:.3f}, others {verdict['others_mean_s']:.3f}"
@@ -519,14 +518,27 @@ def cmd_tb_similarity(args) -> None:
         )
 
 
-def _tb_train(args, run, stage_name: str, student: dict | None) -> None:
-    """A TimeBalance fine-tune or student run: train_run on the run's labeled budget."""
-    stage, all_params, params = _stage(stage_name)
-    from pipeline.dag import RunSpec, run_dir, tb_ssl_run
+def _tb_train(args, run) -> None:
+    """A TimeBalance fine-tune (f_S, f_I, f_D) or student run: train_run on its labeled budget."""
+    command = "tb_student" if run.variant else "tb_finetune"
+    stage, all_params, params = _stage(f"{command}_{args.dataset}_{run.name}")
+    from pipeline.dag import TB_VARIANTS, RunSpec, run_dir, tb_similarity_outs, tb_ssl_run
     from pipeline.finetune import ClipSpec, train_run
     from pipeline.locks import hold
 
     tb = params.timebalance
+    student = None
+    if run.variant:
+        teachers, reweight, _ = TB_VARIANTS[run.variant]
+        student = {
+            "teachers": {
+                t.init: Path(run_dir(args.dataset, t.name)) / "model.pt" for t in run.teachers
+            },
+            "scores": Path(tb_similarity_outs(args.dataset)["table"]),
+            "variant": teachers,
+            "reweight": reweight,
+            **tb.student.model_dump(exclude={"train"}),
+        }
     out = Path(run_dir(args.dataset, run.name))
     init = None if run.init == "random" else Path(run_dir(args.dataset, tb_ssl_run(run.init)))
     with hold(out):
@@ -550,26 +562,13 @@ def _tb_train(args, run, stage_name: str, student: dict | None) -> None:
 def cmd_tb_finetune(args) -> None:
     from pipeline.dag import TBRun
 
-    run = TBRun(args.init, args.percent, args.seed)
-    _tb_train(args, run, f"tb_finetune_{args.dataset}_{run.name}", student=None)
+    _tb_train(args, TBRun(args.init, args.percent, args.seed))
 
 
 def cmd_tb_student(args) -> None:
-    from pipeline.dag import TB_VARIANTS, TBRun, run_dir, tb_similarity_outs
+    from pipeline.dag import TBRun
 
-    run = TBRun(args.init, args.percent, args.seed, args.variant)
-    params = _declared(f"tb_student_{args.dataset}_{run.name}").timebalance.student
-    teachers, reweight = TB_VARIANTS[run.variant]
-    student = {
-        "teachers": {
-            t.init: Path(run_dir(args.dataset, t.name)) / "model.pt" for t in run.teachers
-        },
-        "scores": Path(tb_similarity_outs(args.dataset)["table"]),
-        "variant": teachers,
-        "reweight": reweight,
-        **params.model_dump(exclude={"train"}),
-    }
-    _tb_train(args, run, f"tb_student_{args.dataset}_{run.name}", student=student)
+    _tb_train(args, TBRun(args.init, args.percent, args.seed, args.variant))
 
 
 def cmd_augment_figure(args) -> None:
@@ -720,7 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage("tb-similarity", cmd_tb_similarity, "TimeBalance: the per-video score s", dataset=True)
 
     p = stage("tb-finetune", cmd_tb_finetune, "TimeBalance: f_S, f_I or f_D", dataset=True)
-    p.add_argument("--init", required=True, choices=["invariant", "distinctive", "tclr", "random"])
+    p.add_argument("--init", required=True, choices=[*TB_SSL_KINDS, "random"])
     p.add_argument("--percent", type=int, required=True, help="the labeled budget")
     p.add_argument("--seed", type=int, required=True)
     p = stage("tb-student", cmd_tb_student, "TimeBalance: a student", dataset=True)

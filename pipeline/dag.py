@@ -697,12 +697,12 @@ def dtg_stages(params: Params) -> list[Stage]:
 
 TB_SSL_KINDS = ("invariant", "distinctive", "tclr")  # tclr: the student's initialisation
 TB_TEACHERS = ("invariant", "distinctive")
-# Student variants: (TimeBalanceStudent's `teachers`, reweight)
+# Student variants: (TimeBalanceStudent's `teachers`, reweight, the tables' row)
 TB_VARIANTS = {
-    "invariant": ("invariant", False),
-    "distinctive": ("distinctive", False),
-    "average": ("both", False),
-    "reweighted": ("both", True),
+    "invariant": ("invariant", False, "S+I"),
+    "distinctive": ("distinctive", False, "S+D"),
+    "average": ("both", False, "S+I+D averaged"),
+    "reweighted": ("both", True, "S+I+D reweighted"),
 }
 TB_CODE = (
     "pipeline/timebalance.py",
@@ -770,17 +770,11 @@ def tb_tables(params: Params) -> dict[str, list[tuple[str, TBRun]]]:
                 rows.append(("f_S", TBRun(init, percent, seed)))
                 if table == "tb_table2":
                     rows += [(f"f_{k[0].upper()}", TBRun(k, percent, seed)) for k in TB_TEACHERS]
-                rows += [(TB_ROWS[v], TBRun(init, percent, seed, v)) for v in TB_VARIANTS]
+                rows += [
+                    (row, TBRun(init, percent, seed, v)) for v, (*_, row) in TB_VARIANTS.items()
+                ]
         tables[table] = rows
     return tables
-
-
-TB_ROWS = {
-    "invariant": "S+I",
-    "distinctive": "S+D",
-    "average": "S+I+D averaged",
-    "reweighted": "S+I+D reweighted",
-}
 
 
 def tb_run_stage(dataset: str, run: TBRun) -> Stage:
