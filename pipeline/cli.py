@@ -7,16 +7,17 @@ params through a view restricted to the keys its registry entry declares, and ca
 import argparse
 import logging
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.config import DeclaredParams, load_params
-from pipeline.dag import TB_SSL_KINDS, TB_VARIANTS, TEACHER_IMAGE_SETS, WEIGHTINGS
+from pipeline.dag import TB_SSL, TEACHER_IMAGE_SETS, WEIGHTINGS
 from pipeline.errors import ConfigError, DataError
 
 EXIT_CONFIG = 2
 TABLES = (
     "selfkd_table3", "selfkd_table8", "teachers", "table3", "table2", "table4", "table1",
-    "tb_table2", "tb_table3",
+    *(f"tb_table{n}" for n in range(1, 7)),
 )  # fmt: skip
 
 
@@ -457,46 +458,70 @@ def cmd_tsne(args) -> None:
     )
 
 
+def _ssl_runs(value: str) -> tuple[str, ...]:
+    """argparse type: one or two comma-separated SSL runs (dag.TB_SSL)."""
+    names = tuple(value.split(","))
+    unknown = [n for n in names if n not in TB_SSL]
+    if unknown or not 1 <= len(names) <= 2:
+        raise argparse.ArgumentTypeError(
+            f"{value!r}: one or two of {', '.join(TB_SSL)}, comma-separated"
+        )
+    return names
+
+
+def _pair(value: str) -> tuple[str, ...]:
+    names = _ssl_runs(value)
+    if len(names) != 2:
+        raise argparse.ArgumentTypeError(f"{value!r}: two SSL runs, comma-separated")
+    return names
+
+
 def cmd_tb_ssl(args) -> None:
-    stage, all_params, params = _stage(f"tb_ssl_{args.dataset}_{args.teacher}")
-    from pipeline.dag import run_dir, tb_ssl_run
+    stage, all_params, params = _stage(f"tb_ssl_{args.dataset}_{args.run}")
+    from pipeline.dag import run_dir, tb_ssl_params, tb_ssl_run
     from pipeline.locks import hold
     from pipeline.timebalance import pretrain_ssl_teacher
 
     tb = params.timebalance
-    ssl = tb.ssl.model_dump()
-    out = Path(run_dir(args.dataset, tb_ssl_run(args.teacher)))
+    out = Path(run_dir(args.dataset, tb_ssl_run(args.run)))
     with hold(out):
         pretrain_ssl_teacher(
-            kind=args.teacher,
+            kind=TB_SSL[args.run].kind,
             shard_dir=Path(f"data/shards/{args.dataset}"),
             run_dir=out,
             split=params.datasets[args.dataset].split,
             model=tb.backbone.model_dump(),
-            ssl=ssl,
+            ssl=tb_ssl_params(tb.ssl.model_dump(), args.run),
             train=_trainer_fields(tb.ssl.pretrain),
-            seed=0,
+            seed=TB_SSL[args.run].seed,
             threads=args.threads,
             params=run_identity(stage, all_params),
         )
 
 
 def cmd_tb_similarity(args) -> None:
-    _, _, params = _stage(f"tb_similarity_{args.dataset}")
-    from pipeline.dag import TB_TEACHERS, run_dir, tb_similarity_outs, tb_ssl_run
+    from pipeline.dag import run_dir, tb_similarity_outs, tb_ssl_params, tb_ssl_run
+
+    outs = tb_similarity_outs(args.dataset, args.pair)
+    _, _, params = _stage(Path(outs["table"]).stem)
     from pipeline.data.render import motion_only_actions
     from pipeline.figures import similarity_figures
     from pipeline.io import write_json_atomic
     from pipeline.timebalance import motion_only_report, similarity_table, write_parquet
 
     tb = params.timebalance
-    outs = tb_similarity_outs(args.dataset)
     table = similarity_table(
         shard_dir=Path(f"data/shards/{args.dataset}"),
-        runs={kind: Path(run_dir(args.dataset, tb_ssl_run(kind))) for kind in TB_TEACHERS},
+        teachers={
+            name: (
+                TB_SSL[name].kind,
+                Path(run_dir(args.dataset, tb_ssl_run(name))),
+                tb_ssl_params(tb.ssl.model_dump(), name),
+            )
+            for name in args.pair
+        },
         split=params.datasets[args.dataset].split,
         model=tb.backbone.model_dump(),
-        ssl=tb.ssl.model_dump(),
         clamp=tb.similarity_clamp,
         threads=args.threads,
     )
@@ -507,7 +532,7 @@ def cmd_tb_similarity(args) -> None:
         verdict["classes"] if isinstance(verdict, dict) else [],
         outs["histogram"],
         outs["classes"],
-        title=f"TimeBalance temporal similarity s ({args.dataset})",
+        title=f"TimeBalance temporal similarity s ({args.dataset}, {' + '.join(args.pair)})",
     )
     write_json_atomic(outs["report"], report)
     write_parquet(table, outs["table"])  # last: the table marks the stage complete
@@ -520,25 +545,34 @@ def cmd_tb_similarity(args) -> None:
 
 def _tb_train(args, run) -> None:
     """A TimeBalance fine-tune (f_S, f_I, f_D) or student run: train_run on its labeled budget."""
-    command = "tb_student" if run.variant else "tb_finetune"
+    command = "tb_student" if run.teachers else "tb_finetune"
     stage, all_params, params = _stage(f"{command}_{args.dataset}_{run.name}")
-    from pipeline.dag import TB_VARIANTS, RunSpec, run_dir, tb_similarity_outs, tb_ssl_run
+    from pipeline.dag import RunSpec, run_dir, tb_pair, tb_similarity_outs, tb_ssl_run
     from pipeline.finetune import ClipSpec, train_run
     from pipeline.locks import hold
 
     tb = params.timebalance
     student = None
-    if run.variant:
-        teachers, reweight, _ = TB_VARIANTS[run.variant]
+    if run.teachers:
+        # Two teachers fill Eq. 7's slots in order, p_T = s p_first + (1 - s) p_second; one
+        # teacher takes the slot of its SSL kind (either gives p_T = its p).
+        slots = (
+            ("invariant", "distinctive")
+            if len(run.teachers) == 2
+            else ("invariant" if TB_SSL[run.teachers[0]].kind == "invariant" else "distinctive",)
+        )
         student = {
             "teachers": {
-                t.init: Path(run_dir(args.dataset, t.name)) / "model.pt" for t in run.teachers
+                slot: Path(run_dir(args.dataset, t.name)) / "model.pt"
+                for slot, t in zip(slots, run.teacher_runs, strict=True)
             },
-            "scores": Path(tb_similarity_outs(args.dataset)["table"]),
-            "variant": teachers,
-            "reweight": reweight,
+            "scores": Path(tb_similarity_outs(args.dataset, tb_pair(run))["table"]),
+            "variant": "both" if len(slots) == 2 else slots[0],
+            "reweight": run.reweight,
             **tb.student.model_dump(exclude={"train"}),
         }
+        if run.distance:
+            student["distance"] = run.distance
     out = Path(run_dir(args.dataset, run.name))
     init = None if run.init == "random" else Path(run_dir(args.dataset, tb_ssl_run(run.init)))
     with hold(out):
@@ -552,23 +586,23 @@ def _tb_train(args, run) -> None:
             train=(tb.student.train if student else tb.finetune).model_dump(),
             augment=None,
             threads=args.threads,
-            params=run_identity(stage, all_params),
+            # the run's budget and variant are arguments, not params: they key it too
+            params={**run_identity(stage, all_params), "tb_run": asdict(run)},
             init=None if init is None else init / "model.pt",
             labeled_percent=run.percent,
             student=student,
         )
 
 
-def cmd_tb_finetune(args) -> None:
+def tb_run_of(args):
+    """The TBRun a tb-finetune or tb-student command line names (a fine-tune has no teachers)."""
     from pipeline.dag import TBRun
 
-    _tb_train(args, TBRun(args.init, args.percent, args.seed))
+    return TBRun(args.init, args.percent, args.seed, args.teachers, args.reweight, args.distance)
 
 
-def cmd_tb_student(args) -> None:
-    from pipeline.dag import TBRun
-
-    _tb_train(args, TBRun(args.init, args.percent, args.seed, args.variant))
+def cmd_tb_train(args) -> None:
+    _tb_train(args, tb_run_of(args))
 
 
 def cmd_augment_figure(args) -> None:
@@ -715,16 +749,22 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--guided-by", help="supervised DTG with these comma-separated teachers")
 
     p = stage("tb-ssl", cmd_tb_ssl, "TimeBalance: pre-train an SSL teacher", dataset=True)
-    p.add_argument("--teacher", required=True, choices=list(TB_SSL_KINDS))
-    stage("tb-similarity", cmd_tb_similarity, "TimeBalance: the per-video score s", dataset=True)
+    p.add_argument("--run", required=True, choices=list(TB_SSL), help="an SSL run (dag.TB_SSL)")
+    p = stage("tb-similarity", cmd_tb_similarity, "TimeBalance: the per-video s", dataset=True)
+    p.add_argument("--pair", type=_pair, required=True, help="two SSL runs: a,b")
 
-    p = stage("tb-finetune", cmd_tb_finetune, "TimeBalance: f_S, f_I or f_D", dataset=True)
-    p.add_argument("--init", required=True, choices=[*TB_SSL_KINDS, "random"])
+    p = stage("tb-finetune", cmd_tb_train, "TimeBalance: f_S, f_I or f_D", dataset=True)
+    p.set_defaults(teachers=(), reweight=False, distance="")
+    p.add_argument("--init", required=True, choices=[*TB_SSL, "random"])
     p.add_argument("--percent", type=int, required=True, help="the labeled budget")
     p.add_argument("--seed", type=int, required=True)
-    p = stage("tb-student", cmd_tb_student, "TimeBalance: a student", dataset=True)
-    p.add_argument("--variant", required=True, choices=list(TB_VARIANTS))
-    p.add_argument("--init", required=True, choices=["tclr", "random"])
+    p = stage("tb-student", cmd_tb_train, "TimeBalance: a student", dataset=True)
+    p.add_argument(
+        "--teachers", type=_ssl_runs, required=True, help="its fine-tuned teachers' SSL runs, a,b"
+    )
+    p.add_argument("--reweight", action="store_true", help="mix two teachers by s (else average)")
+    p.add_argument("--distance", choices=["l2", "kl", "js"], default="", help="override params")
+    p.add_argument("--init", required=True, choices=[*TB_SSL, "random"])
     p.add_argument("--percent", type=int, required=True, help="the labeled budget")
     p.add_argument("--seed", type=int, required=True)
 

@@ -237,6 +237,11 @@ class TimeBalanceSSLParams(Section):
     global_augmentations: Annotated[int, Field(ge=1, le=2)] = 2  # of the global clip
     crop: Annotated[int, Field(ge=8, le=512)] = 40
     flip: bool = False  # a flip turns WalkLeft into WalkRight: invariance to it loses a class
+    # per-clip colour augmentation, one draw per clip (spec (a): contrast, hue, saturation and
+    # brightness jitter, grey, channel drop; VideoAugment has all but saturation and grey)
+    augment: AugmentParams = AugmentParams(
+        ops=("contrast", "brightness", "hue", "channel_split"), p=0.3
+    )
     tau: Annotated[float, Field(gt=0.0)] = 0.1  # paper 4.2 and code
     head_hidden: Annotated[int, Field(ge=1, le=8192)] = 512  # g's hidden width: paper 512, code 128
     embed_dim: Annotated[int, Field(ge=1, le=8192)] = 128
@@ -308,8 +313,13 @@ class TablesParams(Section):
     table2: SeedsTable = SeedsTable(seeds=(0,))  # DTG-Net: input ablation
     table4: SeedsTable = SeedsTable()  # DTG-Net: supervised DTG vs without
     table1: SeedsTable = SeedsTable()  # DTG-Net: initialisations vs DTG
+    # TimeBalance: the student vs supervised training
+    tb_table1: BudgetsTable = BudgetsTable(percents=(5, 10, 20, 50))
     tb_table2: BudgetsTable = BudgetsTable()  # TimeBalance: teacher contributions
     tb_table3: BudgetsTable = BudgetsTable()  # TimeBalance: the same, random-init student
+    tb_table4: BudgetsTable = BudgetsTable(seeds=(0,))  # TimeBalance: which teacher pair
+    tb_table5: BudgetsTable = BudgetsTable(seeds=(0,))  # TimeBalance: n = 2 vs 4 SSL clips
+    tb_table6: BudgetsTable = BudgetsTable(seeds=(0,), percents=(5, 20, 50))  # L2 / KL / JS
 
 
 class Params(Section):
@@ -344,7 +354,8 @@ class Params(Section):
             )
         budgets = {"dtg.labeled_percent": [self.dtg.labeled_percent]} | {
             f"tables.{name}.percents": list(getattr(self.tables, name).percents)
-            for name in ("tb_table2", "tb_table3")
+            for name in TablesParams.model_fields
+            if name.startswith("tb_")
         }
         for key, percents in budgets.items():
             for budget in percents:

@@ -695,15 +695,28 @@ def dtg_stages(params: Params) -> list[Stage]:
     return list(stages.values())
 
 
-TB_SSL_KINDS = ("invariant", "distinctive", "tclr")  # tclr: the student's initialisation
-TB_TEACHERS = ("invariant", "distinctive")
-# Student variants: (TimeBalanceStudent's `teachers`, reweight, the tables' row)
-TB_VARIANTS = {
-    "invariant": ("invariant", False, "S+I"),
-    "distinctive": ("distinctive", False, "S+D"),
-    "average": ("both", False, "S+I+D averaged"),
-    "reweighted": ("both", True, "S+I+D reweighted"),
+@dataclass(frozen=True)
+class SSLRun:
+    """One SSL pre-training: the loss `kind` (pipeline.timebalance.SSL_KINDS), its seed, and the
+    n local clips per video when not timebalance.ssl.num_clips (Table 5's n = 2)."""
+
+    kind: str
+    seed: int = 0
+    num_clips: int | None = None
+
+
+# Every SSL run a TimeBalance table uses, by name. "tclr" is the student's initialisation;
+# "<kind>2" the second teacher of a kind (Table 4: another seed); "<kind>_n2" Table 5's n = 2.
+TB_SSL = {
+    "invariant": SSLRun("invariant"),
+    "distinctive": SSLRun("distinctive"),
+    "tclr": SSLRun("tclr"),
+    "invariant2": SSLRun("invariant", seed=1),
+    "distinctive2": SSLRun("distinctive", seed=1),
+    "invariant_n2": SSLRun("invariant", num_clips=2),
+    "distinctive_n2": SSLRun("distinctive", num_clips=2),
 }
+TB_PAIR = ("invariant", "distinctive")  # the paper's teachers: the similarity stage's target
 TB_CODE = (
     "pipeline/timebalance.py",
     "pipeline/methods/timebalance.py",
@@ -715,66 +728,124 @@ TB_CODE = (
 )
 
 
-def tb_ssl_run(kind: str) -> str:
-    return f"tb_ssl_{kind}"
+def tb_ssl_run(name: str) -> str:
+    return f"tb_ssl_{name}"
 
 
-def tb_similarity_outs(dataset: str) -> dict[str, str]:
+def tb_ssl_params(ssl: dict, name: str) -> dict:
+    """The timebalance.ssl params of SSL run `name` (TB_SSL), its own n of clips applied."""
+    num_clips = TB_SSL[name].num_clips
+    return ssl if num_clips is None else {**ssl, "num_clips": num_clips}
+
+
+def tb_similarity_outs(dataset: str, pair: tuple[str, str] = TB_PAIR) -> dict[str, str]:
+    """The per-video s of two SSL teachers (TB_PAIR unless Table 4 pairs others)."""
+    stem = dataset if pair == TB_PAIR else f"{dataset}_{pair[0]}_{pair[1]}"
     return {
-        "table": f"results/reports/tb_similarity_{dataset}.parquet",
-        "report": f"results/reports/tb_similarity_{dataset}.json",
-        "histogram": f"results/figures/tb_similarity_{dataset}.png",
-        "classes": f"results/figures/tb_similarity_classes_{dataset}.png",
+        "table": f"results/reports/tb_similarity_{stem}.parquet",
+        "report": f"results/reports/tb_similarity_{stem}.json",
+        "histogram": f"results/figures/tb_similarity_{stem}.png",
+        "classes": f"results/figures/tb_similarity_classes_{stem}.png",
     }
 
 
 @dataclass(frozen=True)
 class TBRun:
-    """One TimeBalance run: a supervised fine-tune (`variant` "" ; f_S, f_I, f_D) from the SSL
-    backbone `init` (or random), or a student of `variant` (TB_VARIANTS) starting from `init`."""
+    """One TimeBalance run from the SSL backbone `init` (TB_SSL) or random weights: without
+    `teachers` a supervised fine-tune on the labeled budget (f_S, f_I, f_D); with them a student
+    distilling the fine-tunes of those SSL runs (same budget and seed), two teachers' predictions
+    mixed per video by s (`reweight`) or averaged. `distance` overrides
+    timebalance.student.distance (Table 6)."""
 
-    init: str  # "invariant" | "distinctive" | "tclr" | "random"
+    init: str
     percent: int
     seed: int
-    variant: str = ""
+    teachers: tuple[str, ...] = ()
+    reweight: bool = False
+    distance: str = ""
 
     @property
     def name(self) -> str:
-        kind = f"student_{self.variant}" if self.variant else "ft"
-        return f"tb_{kind}_{self.init}_p{self.percent}_s{self.seed}"
+        where = f"{self.init}_p{self.percent}_s{self.seed}"
+        if not self.teachers:
+            return f"tb_ft_{where}"
+        mix = "" if len(self.teachers) == 1 else "_reweighted" if self.reweight else "_average"
+        distance = f"_{self.distance}" if self.distance else ""
+        return f"tb_student_{'-'.join(self.teachers)}{mix}{distance}_{where}"
 
     @property
     def args(self) -> str:
         args = f"--init {self.init} --percent {self.percent} --seed {self.seed}"
-        return f"--variant {self.variant} {args}" if self.variant else args
+        if self.teachers:
+            args += f" --teachers {','.join(self.teachers)}"
+        if self.reweight:
+            args += " --reweight"
+        return f"{args} --distance {self.distance}" if self.distance else args
 
     @property
-    def teachers(self) -> tuple["TBRun", ...]:
+    def teacher_runs(self) -> tuple["TBRun", ...]:
         """The fine-tuned teachers a student distils (same budget and seed)."""
-        if not self.variant:
-            return ()
-        used = TB_VARIANTS[self.variant][0]
-        kinds = TB_TEACHERS if used == "both" else (used,)
-        return tuple(TBRun(kind, self.percent, self.seed) for kind in kinds)
+        return tuple(TBRun(kind, self.percent, self.seed) for kind in self.teachers)
+
+
+def _student(init: str, percent: int, seed: int, teachers: str, **options) -> TBRun:
+    return TBRun(init, percent, seed, tuple(teachers.split("+")), **options)
 
 
 def tb_tables(params: Params) -> dict[str, list[tuple[str, TBRun]]]:
-    """Each TimeBalance table's (row label, run) pairs over its budgets and seeds: Table 2 with
-    the TCLR-initialised student, Table 3 with a randomly initialised one."""
+    """Each TimeBalance table's (row label, run) pairs over its budgets and seeds."""
+    paper = "invariant+distinctive"
+    rows_of = {
+        # the student vs supervised training on the same backbone and budget
+        "tb_table1": lambda p, s: [
+            ("Supervised (f_S)", TBRun("tclr", p, s)),
+            ("TimeBalance", _student("tclr", p, s, paper, reweight=True)),
+        ],
+        # teacher contributions; table 3: the same with a randomly initialised student
+        **{
+            table: lambda p, s, init=init: [
+                ("f_S", TBRun(init, p, s)),
+                *([("f_I", TBRun("invariant", p, s)), ("f_D", TBRun("distinctive", p, s))]
+                  if init == "tclr" else []),
+                ("S+I", _student(init, p, s, "invariant")),
+                ("S+D", _student(init, p, s, "distinctive")),
+                ("S+I+D averaged", _student(init, p, s, paper)),
+                ("S+I+D reweighted", _student(init, p, s, paper, reweight=True)),
+            ]
+            for table, init in (("tb_table2", "tclr"), ("tb_table3", "random"))
+        },
+        # which two teachers: two of a kind (another SSL seed) or one of each
+        "tb_table4": lambda p, s: [
+            (label, _student("tclr", p, s, pair, reweight=True))
+            for label, pair in (
+                ("Inv1+Inv2", "invariant+invariant2"),
+                ("Dist1+Dist2", "distinctive+distinctive2"),
+                ("Inv1+Dist1", paper),
+                ("Inv1+Dist2", "invariant+distinctive2"),
+            )
+        ],
+        # n local clips per video in SSL: the fine-tuned teachers
+        "tb_table5": lambda p, s: [
+            (f"{label} n={n}", TBRun(f"{kind}{suffix}", p, s))
+            for label, kind in (("f_I", "invariant"), ("f_D", "distinctive"))
+            for n, suffix in ((4, ""), (2, "_n2"))
+        ],
+        # the distillation distance
+        "tb_table6": lambda p, s: [
+            (distance.upper(), _student("tclr", p, s, paper, reweight=True, distance=distance))
+            for distance in ("l2", "kl", "js")
+        ],
+    }  # fmt: skip
     tables = {}
-    for table, init in (("tb_table2", "tclr"), ("tb_table3", "random")):
+    for table, rows in rows_of.items():
         spec = getattr(params.tables, table)
-        rows = []
-        for percent in spec.percents:
-            for seed in spec.seeds:
-                rows.append(("f_S", TBRun(init, percent, seed)))
-                if table == "tb_table2":
-                    rows += [(f"f_{k[0].upper()}", TBRun(k, percent, seed)) for k in TB_TEACHERS]
-                rows += [
-                    (row, TBRun(init, percent, seed, v)) for v, (*_, row) in TB_VARIANTS.items()
-                ]
-        tables[table] = rows
+        tables[table] = [row for p in spec.percents for s in spec.seeds for row in rows(p, s)]
     return tables
+
+
+def tb_pair(run: TBRun) -> tuple[str, str]:
+    """The SSL teachers whose s a student reads (a one-teacher student ignores it)."""
+    return run.teachers if len(run.teachers) == 2 else TB_PAIR
 
 
 def tb_run_stage(dataset: str, run: TBRun) -> Stage:
@@ -782,10 +853,10 @@ def tb_run_stage(dataset: str, run: TBRun) -> Stage:
     deps = [_shards(dataset)]
     if run.init != "random":
         deps.append(f"{run_dir(dataset, tb_ssl_run(run.init))}model.pt")
-    if run.variant:
+    if run.teachers:
         declared.append("timebalance.student")
-        deps.append(tb_similarity_outs(dataset)["table"])
-        deps += [f"{run_dir(dataset, t.name)}model.pt" for t in run.teachers]
+        deps.append(tb_similarity_outs(dataset, tb_pair(run))["table"])
+        deps += [f"{run_dir(dataset, t.name)}model.pt" for t in run.teacher_runs]
         command = "tb-student"
     else:
         declared.append("timebalance.finetune")
@@ -797,51 +868,60 @@ def tb_run_stage(dataset: str, run: TBRun) -> Stage:
         deps=tuple(deps),
         outs=(f"{out}model.pt", f"{out}metrics.json", f"{out}confusion.png"),
         params=tuple(declared),
-        code=(*TB_CODE, *TRAIN_CODE),
+        code=tuple(dict.fromkeys((*TB_CODE, *TRAIN_CODE))),
         gpu=1,
     )
 
 
+def tb_similarity_stage(dataset: str, pair: tuple[str, str]) -> Stage:
+    stem = Path(tb_similarity_outs(dataset, pair)["table"]).stem
+    teachers = [run_dir(dataset, tb_ssl_run(t)) for t in pair]
+    return Stage(
+        name=stem,
+        cmd=f"python -m pipeline tb-similarity --dataset {dataset} --pair {','.join(pair)}",
+        deps=(_shards(dataset), *(f"{t}{f}" for t in teachers for f in ("model.pt", "head.pt"))),
+        outs=tuple(tb_similarity_outs(dataset, pair).values()),
+        params=(
+            "timebalance.backbone", "timebalance.ssl", "timebalance.similarity_clamp",
+            f"datasets.{dataset}.split",
+        ),
+        code=(*TB_CODE, "pipeline/figures.py", "pipeline/data/render.py"),
+        target=pair == TB_PAIR,
+    )  # fmt: skip
+
+
 def timebalance_stages(params: Params) -> list[Stage]:
     """The SSL teachers and the student's initialisation, the per-video temporal similarity
-    score, the fine-tunes, the students and the tables."""
+    score of each pair of teachers a student reads, the fine-tunes, the students and the tables;
+    only the SSL runs some table needs."""
     dataset = params.dataset
-    declared = ("timebalance.backbone", "timebalance.ssl", f"datasets.{dataset}.split")
+    tables = tb_tables(params)
+    runs: dict[str, Stage] = {}
+    pairs = {TB_PAIR: None}
+    for rows in tables.values():
+        for _, run in rows:
+            for needed in (*run.teacher_runs, run):
+                runs.setdefault(needed.name, tb_run_stage(dataset, needed))
+            if run.teachers:
+                pairs[tb_pair(run)] = None
+    used = {*TB_PAIR, *(t for pair in pairs for t in pair)}
+    used |= {r.init for rows in tables.values() for _, r in rows} - {"random"}
     stages = []
-    for kind in TB_SSL_KINDS:
-        out = run_dir(dataset, tb_ssl_run(kind))
+    for name in (n for n in TB_SSL if n in used):
+        out = run_dir(dataset, tb_ssl_run(name))
         stages.append(
             Stage(
-                name=f"tb_ssl_{dataset}_{kind}",
-                cmd=f"python -m pipeline tb-ssl --dataset {dataset} --teacher {kind}",
+                name=f"tb_ssl_{dataset}_{name}",
+                cmd=f"python -m pipeline tb-ssl --dataset {dataset} --run {name}",
                 deps=(_shards(dataset),),
                 outs=(f"{out}model.pt", f"{out}head.pt", f"{out}metrics.json"),
-                params=declared,
+                params=("timebalance.backbone", "timebalance.ssl", f"datasets.{dataset}.split"),
                 code=(*TB_CODE, "pipeline/train.py"),
                 gpu=1,
             )
         )
-    teacher_files = [
-        f"{run_dir(dataset, tb_ssl_run(kind))}{file}"
-        for kind in TB_TEACHERS
-        for file in ("model.pt", "head.pt")
-    ]
-    stages.append(
-        Stage(
-            name=f"tb_similarity_{dataset}",
-            cmd=f"python -m pipeline tb-similarity --dataset {dataset}",
-            deps=(_shards(dataset), *teacher_files),
-            outs=tuple(tb_similarity_outs(dataset).values()),
-            params=(*declared, "timebalance.similarity_clamp"),
-            code=(*TB_CODE, "pipeline/figures.py", "pipeline/data/render.py"),
-            target=True,
-        )
-    )
-    runs: dict[str, Stage] = {}
-    for table, rows in tb_tables(params).items():
-        for _, run in rows:
-            for needed in (*run.teachers, run):
-                runs.setdefault(needed.name, tb_run_stage(dataset, needed))
+    stages += [tb_similarity_stage(dataset, pair) for pair in pairs]
+    for table, rows in tables.items():
         stages.append(
             Stage(
                 name=table,

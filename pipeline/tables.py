@@ -433,30 +433,60 @@ def write_dtg_table(
     return write_table(table, csv_path)
 
 
-# TimeBalance's Tables 2 and 3 (R3D-50, UCF101 at 5% and 20% labeled): spec (f).
+# TimeBalance's tables: the paper's acc@1 by labeled percent (UCF101; spec (f)) and, per table,
+# the rows every other row is compared with seed by seed.
 TB_PAPER = {
-    "tb_table2": {
-        "f_S": (48.66, 79.70), "f_I": (43.79, 74.55), "f_D": (44.08, 75.13),
-        "S+I": (47.95, 79.28), "S+D": (48.81, 79.76), "S+I+D averaged": (52.14, 82.02),
-        "S+I+D reweighted": (53.48, 83.26),
+    "tb_table1": {  # R3D-18, 8 frames (its own Table 1 has no supervised-only row)
+        "TimeBalance": {1: 29.1, 5: 47.9, 10: 69.8, 20: 79.1, 50: 83.3},
+    },
+    "tb_table2": {  # R3D-50, as are Tables 3-6
+        "f_S": {5: 48.66, 20: 79.70}, "f_I": {5: 43.79, 20: 74.55},
+        "f_D": {5: 44.08, 20: 75.13}, "S+I": {5: 47.95, 20: 79.28},
+        "S+D": {5: 48.81, 20: 79.76}, "S+I+D averaged": {5: 52.14, 20: 82.02},
+        "S+I+D reweighted": {5: 53.48, 20: 83.26},
     },
     "tb_table3": {
-        "f_S": (25.60, 46.20), "S+I": (43.94, 74.85), "S+D": (44.30, 75.22),
-        "S+I+D averaged": (49.57, 80.06), "S+I+D reweighted": (53.10, 83.00),
+        "f_S": {5: 25.60, 20: 46.20}, "S+I": {5: 43.94, 20: 74.85},
+        "S+D": {5: 44.30, 20: 75.22}, "S+I+D averaged": {5: 49.57, 20: 80.06},
+        "S+I+D reweighted": {5: 53.10, 20: 83.00},
+    },
+    "tb_table4": {
+        "Inv1+Inv2": {5: 48.33, 20: 78.76}, "Dist1+Dist2": {5: 49.15, 20: 80.49},
+        "Inv1+Dist1": {5: 52.14, 20: 82.02}, "Inv1+Dist2": {5: 51.78, 20: 81.43},
+    },
+    "tb_table5": {
+        "f_I n=4": {5: 43.79, 20: 74.55}, "f_I n=2": {5: 42.78, 20: 73.86},
+        "f_D n=4": {5: 44.08, 20: 75.13}, "f_D n=2": {5: 39.55, 20: 71.21},
+    },
+    "tb_table6": {
+        "L2": {5: 53.48, 20: 83.15, 50: 85.02}, "KL": {5: 52.62, 20: 82.76, 50: 84.50},
+        "JS": {5: 50.91, 20: 82.10, 50: 83.94},
     },
 }  # fmt: skip
-TB_PAPER_PERCENTS = (5, 20)
+TB_REFERENCES = {
+    "tb_table1": ("Supervised (f_S)",),
+    "tb_table2": ("f_S", "f_I", "f_D", "S+I+D averaged"),
+    "tb_table3": ("f_S", "S+I+D averaged"),
+    "tb_table4": ("Inv1+Dist1",),
+    "tb_table5": ("f_I n=4", "f_D n=4"),
+    "tb_table6": ("L2",),
+}
 TB_TITLES = {
+    "tb_table1": "TimeBalance table 1: the student vs supervised training",
     "tb_table2": "TimeBalance table 2: teacher contributions",
     "tb_table3": "TimeBalance table 3: random-init student",
+    "tb_table4": "TimeBalance table 4: teacher pairs",
+    "tb_table5": "TimeBalance table 5: n local clips in SSL",
+    "tb_table6": "TimeBalance table 6: the student's distance",
 }
 
 
 def tb_table(name: str, rows: Sequence[tuple[str, object]], run_dirs: dict) -> pd.DataFrame:
-    """TimeBalance's table 2 or 3 from its (row label, TBRun) pairs (pipeline.dag.tb_tables):
-    per labeled budget, acc@1, acc@5 and probe@1 over the seeds, each row compared seed by seed
-    with f_S (the supervised baseline on the same initialisation), with each fine-tuned teacher
-    alone (f_I, f_D: table 2) and with S+I+D averaged (does reweighting by s pay?)."""
+    """A TimeBalance table from its (row label, TBRun) pairs (pipeline.dag.tb_tables): per
+    labeled budget, acc@1, acc@5 and probe@1 over the seeds, each row compared seed by seed with
+    the table's reference rows (TB_REFERENCES: the supervised baseline f_S on the same
+    initialisation, each fine-tuned teacher alone, S+I+D averaged: does reweighting by s pay?),
+    the paper's acc@1 beside."""
     records = [
         {"budget": run.percent, "row": label, "seed": run.seed,
          **finetune_metrics(run_dirs[run.name])}
@@ -466,14 +496,9 @@ def tb_table(name: str, rows: Sequence[tuple[str, object]], run_dirs: dict) -> p
     parts = []
     for budget, per_budget in frame.groupby("budget", sort=False):
         table = _summarise(per_budget, ["budget", "row"], ["acc@1", "acc@5", "probe@1"])
-        for reference in ("f_S", "f_I", "f_D", "S+I+D averaged"):
-            if reference in set(per_budget["row"]):
-                table = compare_paired(table, per_budget, reference, [("acc@1", "")])
-        if budget in TB_PAPER_PERCENTS:
-            column = TB_PAPER_PERCENTS.index(budget)
-            table["paper_acc@1"] = [
-                TB_PAPER[name].get(r, (None, None))[column] for r in table["row"]
-            ]
+        for reference in TB_REFERENCES[name]:
+            table = compare_paired(table, per_budget, reference, [("acc@1", "")])
+        table["paper_acc@1"] = [TB_PAPER[name].get(r, {}).get(budget) for r in table["row"]]
         parts.append(table)
     return pd.concat(parts, ignore_index=True)
 

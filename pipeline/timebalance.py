@@ -7,7 +7,7 @@ withheld, and writes into run_dir:
   head.pt       the projection head g ({"head": state_dict, "meta"}): the similarity score (Eq. 5)
                 is computed on g's outputs
   metrics.json  fit's metrics plus the teacher kind, the SSL videos and the per-epoch history
-`similarity_table` computes the temporal similarity score s per video (Eq. 5-6) from both SSL
+`similarity_table` computes the temporal similarity score s per video (Eq. 5-6) from two SSL
 teachers, once, before any fine-tuning (Alg. 1 l.16). `StudentClipDataset` feeds the student
 (pipeline.finetune.train_run with `student`): labeled and unlabeled clips with their video's s.
 Where the paper is silent (which clips, crops and augmentation give s), ours: each video's n
@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.data.augment import VideoAugment
 from pipeline.data.clips import ClipDataset, prepare_video, select_rows
 from pipeline.data.multiclip import MultiClipDataset
 from pipeline.data.shards import read_manifest
@@ -34,6 +35,7 @@ from pipeline.methods.timebalance import (
     InvariantSSL,
     SSLTeacher,
     similarity_score,
+    temporal_score,
 )
 from pipeline.models import build_video_model
 from pipeline.train import (
@@ -97,6 +99,7 @@ def ssl_dataset(
         train=train,
         seed=seed,
         flip=ssl["flip"],
+        augment=VideoAugment(**ssl["augment"]) if train and ssl["augment"]["ops"] else None,
         label_mask=np.zeros(len(read_manifest(shard_dir)), dtype=bool),  # no labels, ever
     )
 
@@ -193,29 +196,29 @@ def teacher_scores(
 def similarity_table(
     *,
     shard_dir: str | os.PathLike,
-    runs: Mapping[str, str | os.PathLike],
+    teachers: Mapping[str, tuple[str, str | os.PathLike, Mapping]],
     split: int,
     model: dict,
-    ssl: Mapping,
     clamp: bool,
     threads: int,
     batch_size: int = 32,
 ) -> pd.DataFrame:
-    """One row per video of the manifest: video_id, label, label_name, split, score_invariant,
-    score_distinctive and s = their mean (Eq. 6), clamped to [0, 1] when `clamp` (the paper
-    does not clamp: s lies in [-1, 1])."""
+    """One row per video of the manifest: video_id, label, label_name, split, score_<name> for
+    each of the two SSL teachers (name: (kind, run folder, its timebalance.ssl params)) and s =
+    their mean (Eq. 6: the paper's pair is f_I and f_D), clamped to [0, 1] when `clamp` (the
+    paper does not clamp: s lies in [-1, 1])."""
     shard_dir = Path(shard_dir)
     manifest = read_manifest(shard_dir)
     rows = np.arange(len(manifest))
     table = manifest[["video_id", "label", "label_name", f"split{split}"]].rename(
         columns={f"split{split}": "split"}
     )
-    for kind in ("invariant", "distinctive"):
-        teacher = load_ssl_teacher(runs[kind], kind, model, ssl)
+    for name, (kind, run, ssl) in teachers.items():
+        teacher = load_ssl_teacher(run, kind, model, ssl)
         dataset = ssl_dataset(shard_dir, rows, ssl, kind=kind, seed=0, train=False)
-        table[f"score_{kind}"] = teacher_scores(teacher, dataset, batch_size, threads)
-    s = (table["score_invariant"] + table["score_distinctive"]) / 2
-    table["s"] = s.clip(0.0, 1.0) if clamp else s
+        table[f"score_{name}"] = teacher_scores(teacher, dataset, batch_size, threads)
+    first, second = (torch.tensor(table[f"score_{name}"].to_numpy()) for name in teachers)
+    table["s"] = temporal_score(first, second, clamp).numpy()
     return table.reset_index(drop=True)
 
 

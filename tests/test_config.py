@@ -24,7 +24,7 @@ def test_committed_params_are_valid(project_params):
         (lambda p: p["datasets"]["ucf101"].update(split=4), "datasets.ucf101.split", "less than"),
         (lambda p: p.update(dataset="kinetics"), "<root>", "not a key of datasets"),
         (lambda p: p["ingest"].update(percents=[5, 10]), "<root>", "dtg.labeled_percent 20"),
-        (lambda p: p["ingest"].update(percents=[1, 20]), "<root>", "tables.tb_table2.percents 5"),
+        (lambda p: p["ingest"].update(percents=[1, 20]), "<root>", "tables.tb_table1.percents 5"),
         (lambda p: p["timebalance"]["ssl"].update(augmentations=1), "timebalance.ssl", "L_D1"),
     ],
 )

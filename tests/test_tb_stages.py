@@ -29,6 +29,7 @@ SSL = {
     "global_augmentations": 2,
     "crop": 16,
     "flip": False,
+    "augment": {"ops": [], "p": 0.3, "noise_std": 0.1},
     "tau": 0.1,
     "head_hidden": 16,
     "embed_dim": 8,
@@ -123,6 +124,23 @@ def test_augmentations_crop_independently_and_testing_is_fixed(shards):
     assert torch.equal(dataset(shards)[(2, 4)]["video"], dataset(shards)[(2, 4)]["video"])
 
 
+def test_ssl_colour_augmentation_changes_training_views_only(shards):
+    jitter = SSL | {"augment": {"ops": ["brightness"], "p": 1.0, "noise_std": 0.1}}
+    rows = np.arange(12)
+    plain = ssl_dataset(shards, rows, SSL, kind="invariant", seed=0, train=True)[(0, 3)]
+    jittered = ssl_dataset(shards, rows, jitter, kind="invariant", seed=0, train=True)[(0, 3)]
+    means = jittered["video"].float().mean(dim=(2, 3, 4, 5)) / plain["video"].float().mean(
+        dim=(2, 3, 4, 5)
+    )  # one brightness factor per clip of each augmentation: drawn clip by clip
+    assert not torch.allclose(means, torch.ones_like(means), atol=0.02)
+    assert len({round(m, 3) for m in means.flatten().tolist()}) > 1
+    test = {"kind": "invariant", "seed": 0, "train": False}
+    assert torch.equal(
+        ssl_dataset(shards, rows, SSL, **test)[3]["video"],
+        ssl_dataset(shards, rows, jitter, **test)[3]["video"],
+    )
+
+
 def test_videos_too_short_for_the_clips_are_an_error_naming_the_param(tmp_path):
     short = write_test_shards(tmp_path / "s", [fixture_frames(0, 3, 24, 32)] * 3, [0, 1, 2])
     with pytest.raises(DataError, match="num_clips"):
@@ -186,7 +204,8 @@ def test_similarity_table_has_one_score_per_video(shards, tmp_path):
             kind=kind, shard_dir=shards, run_dir=runs[kind], split=1, model=TINY_MODEL,
             ssl=SSL, train=TRAIN, seed=0, threads=1, params={},
         )  # fmt: skip
-    common = {"shard_dir": shards, "runs": runs, "split": 1, "model": TINY_MODEL, "ssl": SSL}
+    teachers = {kind: (kind, run, SSL) for kind, run in runs.items()}
+    common = {"shard_dir": shards, "teachers": teachers, "split": 1, "model": TINY_MODEL}
     table = similarity_table(**common, clamp=False, threads=1)
     assert len(table) == 12 and set(table["split"]) == {"train", "test"}
     assert table["s"].between(-1, 1).all()

@@ -219,6 +219,7 @@ def test_temporal_score_averages_the_teachers_and_clamps_on_request():
     orthogonal = torch.eye(2).unsqueeze(0)  # score 0
     opposite = torch.tensor([[[1.0, 0.0], [-1.0, 0.0]]])  # score -1
     identical = torch.ones(1, 2, 2)  # score 1
+    orthogonal, opposite, identical = map(similarity_score, (orthogonal, opposite, identical))
     assert temporal_score(identical, orthogonal).item() == pytest.approx(0.5)
     assert temporal_score(orthogonal, opposite).item() == pytest.approx(-0.5)
     assert temporal_score(orthogonal, opposite, clamp=True).item() == 0.0

@@ -5,7 +5,7 @@ Spec: ../shared/specs/timebalance.md (cited below as "spec (x)"); paper: papers/
     InvariantSSL        f_I's pre-training, L_I (Eq. 1, spec (a))
     DistinctiveSSL      f_D's pre-training, L_D = L_D1 (Eq. 3) + L_D2 (Supp. D.2, TCLR; spec (b))
     similarity_score    Eq. 5-6 for one teacher: mean off-diagonal cosine of a video's n clips
-    temporal_score      Eq. 6: s = mean of the invariant and distinctive scores (spec (d))
+    temporal_score      Eq. 6: s = mean of two teachers' scores (spec (d))
     TimeBalanceStudent  CE + omega * D(p_T, p_S), p_T = s p_I + (1 - s) p_D (Eq. 7-8, spec (e))
 
 Teacher fine-tuning (spec (c)) is plain cross-entropy: the supervised method does it.
@@ -158,13 +158,14 @@ def similarity_score(z: torch.Tensor) -> torch.Tensor:
 
 
 def temporal_score(
-    z_invariant: torch.Tensor, z_distinctive: torch.Tensor, clamp: bool = False
+    score_first: torch.Tensor, score_second: torch.Tensor, clamp: bool = False
 ) -> torch.Tensor:
-    """Eq. 6: s = (score_I + score_D) / 2 per video, (B,), from each SSL teacher's projections.
+    """Eq. 6: s = the mean of two SSL teachers' similarity_score per video (the paper's pair:
+    f_I and f_D).
 
     spec (d): the paper does not normalise s (it lies in [-1, 1]); clamp=True clips it to [0, 1],
     our own option, so that p_T (Eq. 7) stays a convex mixture."""
-    score = (similarity_score(z_invariant) + similarity_score(z_distinctive)) / 2
+    score = (score_first + score_second) / 2
     return score.clamp(0.0, 1.0) if clamp else score
 
 
