@@ -547,6 +547,7 @@ def _tb_train(args, run) -> None:
     """A TimeBalance fine-tune (f_S, f_I, f_D) or student run: train_run on its labeled budget."""
     command = "tb_student" if run.teachers else "tb_finetune"
     stage, all_params, params = _stage(f"{command}_{args.dataset}_{run.name}")
+    from pipeline.config import budget_epochs
     from pipeline.dag import RunSpec, run_dir, tb_pair, tb_similarity_outs, tb_ssl_run
     from pipeline.finetune import ClipSpec, train_run
     from pipeline.locks import hold
@@ -583,7 +584,11 @@ def _tb_train(args, run) -> None:
             split=params.datasets[args.dataset].split,
             clips=ClipSpec(**tb.clips.model_dump()),
             model=tb.backbone.model_dump(),
-            train=(tb.student.train if student else tb.finetune).model_dump(),
+            train=budget_epochs(
+                (tb.student.train if student else tb.finetune).model_dump(),
+                run.percent,
+                tb.equal_steps_percent,
+            ),
             augment=None,
             threads=args.threads,
             # the run's budget and variant are arguments, not params: they key it too

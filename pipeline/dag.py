@@ -849,7 +849,10 @@ def tb_pair(run: TBRun) -> tuple[str, str]:
 
 
 def tb_run_stage(dataset: str, run: TBRun) -> Stage:
-    declared = ["timebalance.backbone", "timebalance.clips", f"datasets.{dataset}.split"]
+    declared = [
+        "timebalance.backbone", "timebalance.clips", "timebalance.equal_steps_percent",
+        f"datasets.{dataset}.split",
+    ]  # fmt: skip
     deps = [_shards(dataset)]
     if run.init != "random":
         deps.append(f"{run_dir(dataset, tb_ssl_run(run.init))}model.pt")

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from pipeline.cli import build_parser, tb_run_of
-from pipeline.config import Params, load_params
+from pipeline.config import Params, budget_epochs, load_params
 from pipeline.dag import TB_PAIR, TBRun, build_stages, tb_similarity_outs, tb_tables
 from pipeline.tables import TB_REFERENCES, tb_table
 from tests.conftest import ROOT
@@ -109,3 +109,12 @@ def test_each_table_compares_its_rows_with_its_references(params, tmp_path, name
         assert compared[f"beats_{reference}"].isin(["yes", "no", "within noise"]).all()
         assert (table.loc[table["row"] == reference, f"beats_{reference}"] == "").all()
     assert pd.notna(table["paper_acc@1"]).any()
+
+
+def test_smaller_budgets_train_as_many_steps_as_the_reference_budget():
+    train = {"epochs": 15, "warmup_epochs": 1, "val_every": 1, "lr": 0.05}
+    scaled = {**train, "epochs": 60, "warmup_epochs": 4, "val_every": 4}
+    assert budget_epochs(train, 5, 20) == scaled
+    assert budget_epochs(train, 10, 20)["epochs"] == 30
+    assert budget_epochs(train, 20, 20) == budget_epochs(train, 50, 20) == train
+    assert budget_epochs(train, 5, None) == train
