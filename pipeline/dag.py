@@ -795,6 +795,7 @@ def _student(init: str, percent: int, seed: int, teachers: str, **options) -> TB
 def tb_tables(params: Params) -> dict[str, list[tuple[str, TBRun]]]:
     """Each TimeBalance table's (row label, run) pairs over its budgets and seeds."""
     paper = "invariant+distinctive"
+    default = params.timebalance.student.distance
     rows_of = {
         # the student vs supervised training on the same backbone and budget
         "tb_table1": lambda p, s: [
@@ -830,9 +831,10 @@ def tb_tables(params: Params) -> dict[str, list[tuple[str, TBRun]]]:
             for label, kind in (("f_I", "invariant"), ("f_D", "distinctive"))
             for n, suffix in ((4, ""), (2, "_n2"))
         ],
-        # the distillation distance
+        # the distillation distance (the params' own is the run tables 1 and 2 have)
         "tb_table6": lambda p, s: [
-            (distance.upper(), _student("tclr", p, s, paper, reweight=True, distance=distance))
+            (distance.upper(), _student("tclr", p, s, paper, reweight=True,
+                                        distance="" if distance == default else distance))
             for distance in ("l2", "kl", "js")
         ],
     }  # fmt: skip

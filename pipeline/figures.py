@@ -123,18 +123,17 @@ def tsne_figure(
 def similarity_figures(
     table: pd.DataFrame, highlight: Sequence[str], histogram_png, classes_png, *, title: str
 ) -> None:
-    """TimeBalance's s per video: a histogram of s and of each teacher's score, and each class's
-    videos (points) and mean (bar), sorted, the classes in `highlight` in another colour."""
+    """TimeBalance's s per video: a histogram of s and of each teacher's score (the table's
+    score_<teacher> columns), and each class's videos (points) and mean (bar), sorted, the
+    classes in `highlight` in another colour."""
     fig = _figure(7, 4)
     ax = fig.add_subplot()
-    bins = np.linspace(min(-0.05, table[["s", "score_invariant", "score_distinctive"]].min().min()),
-                       1.0, 41)  # fmt: skip
-    for column, label, style in (
-        ("score_invariant", "f_I alone", {"histtype": "step", "color": "C0"}),
-        ("score_distinctive", "f_D alone", {"histtype": "step", "color": "C1"}),
-        ("s", "s (Eq. 6)", {"alpha": 0.5, "color": "C2"}),
-    ):
-        ax.hist(table[column], bins=bins, label=label, **style)
+    teachers = [c for c in table.columns if c.startswith("score_")]
+    bins = np.linspace(min(-0.05, table[["s", *teachers]].min().min()), 1.0, 41)
+    for k, column in enumerate(teachers):
+        label = f"{column.removeprefix('score_')} alone"
+        ax.hist(table[column], bins=bins, label=label, histtype="step", color=f"C{k}")
+    ax.hist(table["s"], bins=bins, label="s (Eq. 6)", alpha=0.5, color=f"C{len(teachers)}")
     ax.set_xlabel("mean cosine between a video's clips")
     ax.set_ylabel("videos")
     ax.legend()

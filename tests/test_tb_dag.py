@@ -53,7 +53,8 @@ def test_rows_are_the_papers(params):
     assert {run.init for _, run in tables["tb_table5"]} == {
         "invariant", "invariant_n2", "distinctive", "distinctive_n2"
     }  # fmt: skip
-    assert {run.distance for _, run in tables["tb_table6"]} == {"l2", "kl", "js"}
+    distances = {label: run.distance for label, run in tables["tb_table6"]}
+    assert distances == {"L2": "", "KL": "kl", "JS": "js"}  # L2, the default: table 2's run
     # the full student of table 1 is table 2's run: one run, two tables
     assert first["S+I+D reweighted"] in [run for _, run in tables["tb_table1"]]
     assert {run.percent for _, run in tables["tb_table1"]} == {5, 10, 20, 50}
@@ -118,3 +119,15 @@ def test_smaller_budgets_train_as_many_steps_as_the_reference_budget():
     assert budget_epochs(train, 10, 20)["epochs"] == 30
     assert budget_epochs(train, 20, 20) == budget_epochs(train, 50, 20) == train
     assert budget_epochs(train, 5, None) == train
+
+
+def test_similarity_figures_draw_any_pair_of_teachers(tmp_path):
+    from pipeline.figures import similarity_figures
+
+    table = pd.DataFrame(
+        {"label_name": ["Walk", "Walk", "Clap"], "score_invariant": [0.9, 0.8, 0.95],
+         "score_invariant2": [0.7, 0.85, 0.9], "s": [0.8, 0.825, 0.925]}
+    )  # fmt: skip
+    out = tmp_path / "hist.png", tmp_path / "classes.png"
+    similarity_figures(table, ["Walk"], *out, title="Inv1 + Inv2")
+    assert all(path.stat().st_size > 0 for path in out)
