@@ -291,7 +291,7 @@ class TimeBalanceParams(Section):
     student: TimeBalanceStudentParams = TimeBalanceStudentParams()
     # A fine-tune or student on a smaller labeled budget trains for as many optimisation steps
     # as one at this budget (epochs x this / its percent, validated as often): at 5% a 15-epoch
-    # run of 46 videos is 45 steps. The paper trains 150 epochs at every budget. null: off.
+    # run of 50 videos is 45 steps. The paper trains 150 epochs at every budget. null: off.
     equal_steps_percent: Annotated[int, Field(ge=1, le=100)] | None = 20
 
 
