@@ -25,7 +25,7 @@ from pipeline.errors import DataError
 from pipeline.finetune import split_rows, train_clip_dataset
 from pipeline.methods.supervised import Supervised
 from pipeline.models import build_video_model
-from pipeline.train import make_loader, seed_everything
+from pipeline.train import full_batch_loader, seed_everything
 
 GOAL_MAX_LOADER_COST = 10.0  # percent of the in-memory throughput
 IN_MEMORY_BATCHES = 4  # distinct batches cycled on side (b)
@@ -77,15 +77,10 @@ def bench_train(
     timing = {"model": model, "num_classes": num_classes, "steps": steps, "seed": seed}
 
     def loader(num_workers: int):
-        return make_loader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=True,
-            seed=seed,
-            num_workers=num_workers,
-            drop_last=True,
-            device="cpu",
-        )
+        return full_batch_loader(
+            dataset, batch_size=batch_size, seed=seed, num_workers=num_workers, device="cpu",
+            source=shard_dir,
+        )  # fmt: skip
 
     threads_before = torch.get_num_threads()
     torch.set_num_threads(threads)
