@@ -11,13 +11,13 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.config import DeclaredParams, load_params
-from pipeline.dag import TB_SSL, TEACHER_IMAGE_SETS, WEIGHTINGS
+from pipeline.dag import HPKD_VARIANTS, TB_SSL, TEACHER_IMAGE_SETS, WEIGHTINGS
 from pipeline.errors import ConfigError, DataError
 
 EXIT_CONFIG = 2
 TABLES = (
     "selfkd_table3", "selfkd_table8", "teachers", "table3", "table2", "table4", "table1",
-    *(f"tb_table{n}" for n in range(1, 7)),
+    *(f"tb_table{n}" for n in range(1, 7)), "hpkd_table1", "hpkd_table2",
 )  # fmt: skip
 
 
@@ -190,6 +190,8 @@ def cmd_table(args) -> None:
         return _dtg_table(args.table)
     if args.table.startswith("tb_"):
         return _tb_table(args.table)
+    if args.table.startswith("hpkd_"):
+        return _hpkd_table(args.table)
     _, all_params, params = _stage(args.table)
     from pipeline.dag import run_dir, selfkd_runs
     from pipeline.tables import write_selfkd_table
@@ -610,6 +612,86 @@ def cmd_tb_train(args) -> None:
     _tb_train(args, tb_run_of(args))
 
 
+def _hpkd_table(name: str) -> None:
+    _, all_params, params = _stage(name)
+    from pipeline.dag import hpkd_tables, run_dir
+    from pipeline.tables import write_hpkd_table
+
+    rows = hpkd_tables(all_params)[name]
+    write_hpkd_table(
+        name,
+        rows,
+        {run.name: Path(run_dir(params.dataset, run.name)) for _, run in rows},
+        Path(f"results/tables/{name}.csv"),
+        Path(f"results/figures/{name}.png"),
+    )
+
+
+def _hpkd_run(args):
+    from pipeline.dag import HPKDRun
+
+    return HPKDRun(args.variant, args.backbone, args.seed)
+
+
+def cmd_hpkd_pretrain(args) -> None:
+    run = _hpkd_run(args)
+    stage, all_params, params = _stage(f"hpkd_pretrain_{args.dataset}_{run.where}")
+    from pipeline.dag import features_dir, run_dir, teacher_dir
+    from pipeline.hpkd import pretrain_hpkd
+    from pipeline.locks import hold
+
+    hpkd = params.hpkd
+    out = Path(run_dir(args.dataset, run.pretrain_name))
+    with hold(out):
+        pretrain_hpkd(
+            variant=run.variant,
+            shard_dir=Path(f"data/shards/{args.dataset}"),
+            cache_dir=Path(features_dir(args.dataset, "schp")),
+            teacher_path=Path(teacher_dir("schp")) / "model.pt",
+            run_dir=out,
+            parts_png=out / "parts.png",
+            split=params.datasets[args.dataset].split,
+            model=hpkd.backbones[run.backbone].model_dump(),
+            hpkd={**hpkd.pretrain.model_dump(exclude={"train"}),
+                  "shared_stages": hpkd.shared_stages},
+            train=_trainer_fields(hpkd.pretrain.train),
+            seed=run.seed,
+            threads=args.threads,
+            params=run_identity(stage, all_params),
+        )  # fmt: skip
+
+
+def cmd_hpkd_finetune(args) -> None:
+    """Fine-tune a backbone on the labeled budget from its pre-training (or from scratch)."""
+    run = _hpkd_run(args)
+    stage, all_params, params = _stage(f"hpkd_finetune_{args.dataset}_{run.where}")
+    from pipeline.dag import RunSpec, run_dir
+    from pipeline.finetune import ClipSpec, train_run
+    from pipeline.hpkd import hpkd_model
+    from pipeline.locks import hold
+
+    hpkd = params.hpkd
+    out = Path(run_dir(args.dataset, run.name))
+    init = None if run.variant == "scratch" else Path(run_dir(args.dataset, run.pretrain_name))
+    with hold(out):
+        train_run(
+            Path(f"data/shards/{args.dataset}"),
+            out,
+            run=RunSpec("supervised", run.seed, augment=False),
+            split=params.datasets[args.dataset].split,
+            clips=ClipSpec(**hpkd.clips.model_dump()),
+            model=hpkd_model(
+                hpkd.backbones[run.backbone].model_dump(), run.variant, hpkd.shared_stages
+            ),  # fmt: skip
+            train=hpkd.finetune.model_dump(),
+            augment=None,
+            threads=args.threads,
+            params={**run_identity(stage, all_params), "hpkd_run": asdict(run)},
+            init=None if init is None else init / "model.pt",
+            labeled_percent=hpkd.labeled_percent,
+        )
+
+
 def cmd_augment_figure(args) -> None:
     params = _declared(f"augment_figure_{args.dataset}")
     from pipeline.data.augment import VideoAugment, augmentation_figure
@@ -772,6 +854,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", required=True, choices=[*TB_SSL, "random"])
     p.add_argument("--percent", type=int, required=True, help="the labeled budget")
     p.add_argument("--seed", type=int, required=True)
+
+    variants = ["scratch", *HPKD_VARIANTS]
+    for name, func, help in (
+        ("hpkd-pretrain", cmd_hpkd_pretrain, "human-parsing KD: multi-task pre-training"),
+        ("hpkd-finetune", cmd_hpkd_finetune, "human-parsing KD: fine-tune and test"),
+    ):
+        p = stage(name, func, help, dataset=True)
+        p.add_argument("--variant", required=True,
+                       choices=HPKD_VARIANTS if name == "hpkd-pretrain" else variants)  # fmt: skip
+        p.add_argument("--backbone", required=True, choices=["c3d", "r2plus1d"])
+        p.add_argument("--seed", type=int, required=True)
 
     p = stage("table", cmd_table, "assemble a table from its runs' metrics")
     p.add_argument("table", choices=[*TABLES])

@@ -96,11 +96,17 @@ class ClipParams(Section):
 
 
 class ModelParams(Section):
-    name: Literal["r3d_18", "r2plus1d_18", "tsn_resnet18", "tsn_resnet50"] = "r3d_18"
+    name: Literal["r3d_18", "r2plus1d_18", "c3d", "tsn_resnet18", "tsn_resnet50"] = "r3d_18"
     width: Annotated[int, Field(ge=1, le=256)] = 8
     layers: tuple[PosInt, PosInt, PosInt, PosInt] | None = (1, 1, 1, 1)
     stem_stride: Annotated[int, Field(ge=1, le=8)] = 4
     stem_pool: bool | None = False
+
+    @model_validator(mode="after")
+    def _c3d_has_fixed_groups(self):
+        if self.name == "c3d" and (self.layers is not None or self.stem_pool is not None):
+            raise ValueError("c3d has fixed conv groups: set layers and stem_pool to null")
+        return self
 
 
 class TrainParams(Section):
@@ -295,6 +301,59 @@ class TimeBalanceParams(Section):
     equal_steps_percent: Annotated[int, Field(ge=1, le=100)] | None = 20
 
 
+class HPKDWeights(Section):
+    """L = kd L_KL + motion L_m + appearance L_a (Eq. 7; the paper gives no values: 1 each, as
+    RSPNet weighs its two tasks)."""
+
+    kd: Annotated[float, Field(gt=0.0)] = 1.0
+    motion: Annotated[float, Field(ge=0.0)] = 1.0
+    appearance: Annotated[float, Field(ge=0.0)] = 1.0
+
+
+class HPKDPretrainParams(Section):
+    """The multi-task pre-training (pipeline/methods/hpkd.py; spec sections 2, 3, 5)."""
+
+    clip_frames: Annotated[int, Field(ge=2, le=64)] = 8  # T; the 2x key window spans 2T frames
+    crop: Annotated[int, Field(ge=8, le=512)] = 40  # inside the centre square the teacher saw
+    flip: bool = False  # RSPNet flips; here a flip would turn WalkLeft into WalkRight
+    # colour jitter per clip (RSPNet: ColorJitter .4 and grey p .2); the set TimeBalance's SSL
+    # teachers chose on validation, so every method's pre-training sees the same views
+    augment: AugmentParams = AugmentParams(ops=("contrast", "brightness", "channel_split"), p=0.8)
+    parts_out: Annotated[int, Field(ge=2, le=128)] = 8  # side of g_h's map and of the target
+    decoder_hidden: Annotated[int, Field(ge=1, le=4096)] = 32  # g_h's 3x3 conv width
+    # g_h's sub-pixel upsampling factor: h_h's map side x this ~ parts_out (tiny backbones at
+    # 40 px: 2 x 2 maps; full size at 112 px: 7 x 7, so 1 or 2 there)
+    decoder_upscale: Annotated[int, Field(ge=1, le=32)] = 4
+    weights: HPKDWeights = HPKDWeights()
+    embed_dim: Annotated[int, Field(ge=1, le=8192)] = 128  # g_m, g_a outputs (RSPNet)
+    tau: Annotated[float, Field(gt=0.0)] = 0.07  # RSPNet's, for both tasks
+    margin: Annotated[float, Field(ge=0.0)] = 2.0  # RSPNet's margin on cosine / tau
+    # RSPNet: 0.999 over 200 Kinetics epochs; 0.99 lets the key encoder follow within the few
+    # hundred steps of a run here (0.999^600 = 0.55 of the initial weights left)
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.99
+    # RSPNet: 16384 keys; here about one epoch of the world's train videos, as DTG-Net's queue
+    queue_size: Annotated[int, Field(ge=1, le=1_000_000)] = 512
+    # RSPNet: SGD, lr 0.1 x batch / 64, momentum 0.9, wd 1e-4, cosine (200 epochs)
+    train: TrainParams = TrainParams(
+        epochs=10, batch_size=16, lr=0.025, weight_decay=1e-4, warmup_epochs=1
+    )
+
+
+class HPKDParams(Section):
+    """The human-parsing KD method (pipeline/methods/hpkd.py, pipeline/hpkd.py, README)."""
+
+    backbones: dict[Literal["c3d", "r2plus1d"], ModelParams] = {
+        "c3d": ModelParams(name="c3d", layers=None, stem_pool=None),
+        "r2plus1d": ModelParams(name="r2plus1d_18"),
+    }
+    # stages in f_l (stem, layer1, ...); "full" has two copies of the rest (h_h, h_c)
+    shared_stages: Annotated[int, Field(ge=1, le=4)] = 3
+    pretrain: HPKDPretrainParams = HPKDPretrainParams()
+    labeled_percent: Literal[1, 5, 10, 20, 50, 100] = 20  # fine-tuning budget, as DTG-Net's
+    clips: ClipParams = ClipParams(frames=8, stride=2, crop=40, test_clips=3, three_crop=False)
+    finetune: TrainParams = TrainParams(epochs=15, batch_size=16, lr=0.05, warmup_epochs=1)
+
+
 def budget_epochs(train: dict, percent: int, equal_steps_percent: int | None) -> dict:
     """`train` (a TrainParams dump) with its epochs, warm-up and val_every scaled by
     equal_steps_percent / percent when the labeled budget is smaller (TimeBalanceParams)."""
@@ -324,6 +383,11 @@ class BudgetsTable(Section):
     percents: tuple[Literal[1, 5, 10, 20, 50], ...] = (5, 20)  # labeled budgets (ingest.percents)
 
 
+class BackbonesTable(Section):
+    seeds: tuple[NonNegInt, ...] = (0, 1, 2)
+    backbones: tuple[Literal["c3d", "r2plus1d"], ...] = ("c3d", "r2plus1d")
+
+
 class TablesParams(Section):
     selfkd_table3: SeedsTable = SeedsTable()
     selfkd_table8: SelfKDGridTable = SelfKDGridTable()
@@ -338,6 +402,8 @@ class TablesParams(Section):
     tb_table4: BudgetsTable = BudgetsTable(seeds=(0,))  # TimeBalance: which teacher pair
     tb_table5: BudgetsTable = BudgetsTable(seeds=(0,))  # TimeBalance: n = 2 vs 4 SSL clips
     tb_table6: BudgetsTable = BudgetsTable(seeds=(0,), percents=(5, 20, 50))  # L2 / KL / JS
+    hpkd_table1: BackbonesTable = BackbonesTable()  # human-parsing KD: Scratch, RSP, Full
+    hpkd_table2: BackbonesTable = BackbonesTable(backbones=("r2plus1d",))  # w/o KD, TI, Full
 
 
 class Params(Section):
@@ -354,6 +420,7 @@ class Params(Section):
     features: FeaturesParams = FeaturesParams()
     dtg: DTGParams = DTGParams()
     timebalance: TimeBalanceParams = TimeBalanceParams()
+    hpkd: HPKDParams = HPKDParams()
     tables: TablesParams = TablesParams()
 
     @model_validator(mode="after")
@@ -370,7 +437,10 @@ class Params(Section):
                 f"datasets.synth is missing, but teachers {synthetic_images} train on the "
                 "synthetic world's images (teachers.<name>.images is empty)"
             )
-        budgets = {"dtg.labeled_percent": [self.dtg.labeled_percent]} | {
+        budgets = {
+            "dtg.labeled_percent": [self.dtg.labeled_percent],
+            "hpkd.labeled_percent": [self.hpkd.labeled_percent],
+        } | {
             f"tables.{name}.percents": list(getattr(self.tables, name).percents)
             for name in TablesParams.model_fields
             if name.startswith("tb_")

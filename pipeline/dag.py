@@ -44,14 +44,15 @@ class Stage:
 
 # The caption of each table and figure in `snakemake --report` (report/<name>.rst), by path.
 CAPTIONS = (
-    (r"results/tables/(selfkd_table\d|table\d|tb_table\d|teachers)\.csv", r"\1"),
-    (r"results/figures/(selfkd_table\d|table\d|tb_table\d)\.png", r"\1"),
+    (r"results/tables/(selfkd_table\d|table\d|tb_table\d|hpkd_table\d|teachers)\.csv", r"\1"),
+    (r"results/figures/(selfkd_table\d|table\d|tb_table\d|hpkd_table\d)\.png", r"\1"),
     (r"results/figures/synth_samples\.png", "synth_samples"),
     (r"results/figures/data_.+\.png", "data_report"),
     (r"results/figures/augmentations_.+\.png", "augmentations"),
     (r"results/figures/dtg_.+_weights\.png", "dtg_online_weights"),
     (r"results/figures/dtg_tsne_.+\.png", "dtg_tsne"),
     (r"results/runs/.+/confusion\.png", "confusion"),
+    (r"results/runs/.+/parts\.png", "hpkd_parts"),
     (r"results/figures/tb_similarity_classes_.+\.png", "tb_similarity_classes"),
     (r"results/figures/tb_similarity_.+\.png", "tb_similarity"),
 )
@@ -943,9 +944,119 @@ def timebalance_stages(params: Params) -> list[Stage]:
     return stages + list(runs.values())
 
 
+# ---------------------------------------------------------------- human-parsing prior KD
+
+HPKD_VARIANTS = ("rsp", "ti", "full")  # pipeline.methods.hpkd.VARIANTS, pre-trained
+
+
+@dataclass(frozen=True)
+class HPKDRun:
+    """A fine-tune of backbone `backbone` (a key of hpkd.backbones) on the labeled budget, from
+    random weights ("scratch") or from a pre-training of `variant` (HPKD_VARIANTS)."""
+
+    variant: str
+    backbone: str
+    seed: int
+
+    @property
+    def where(self) -> str:
+        return f"{self.variant}_{self.backbone}_s{self.seed}"
+
+    @property
+    def name(self) -> str:
+        return f"hpkd_ft_{self.where}"
+
+    @property
+    def pretrain_name(self) -> str:
+        return f"hpkd_pre_{self.where}"
+
+    @property
+    def args(self) -> str:
+        return f"--variant {self.variant} --backbone {self.backbone} --seed {self.seed}"
+
+
+def hpkd_tables(params: Params) -> dict[str, list[tuple[str, HPKDRun]]]:
+    """Each human-parsing KD table's (row label, run) pairs over its backbones and seeds."""
+    rows_of = {
+        "hpkd_table1": (("Scratch", "scratch"), ("RSP only (no KD)", "rsp"), ("Full", "full")),
+        "hpkd_table2": (("w/o KD", "rsp"), ("TI", "ti"), ("Full", "full")),
+    }
+    tables = {}
+    for table, rows in rows_of.items():
+        spec = getattr(params.tables, table)
+        tables[table] = [
+            (label, HPKDRun(variant, backbone, seed))
+            for backbone in spec.backbones
+            for seed in spec.seeds
+            for label, variant in rows
+        ]
+    return tables
+
+
+HPKD_CODE = (
+    "pipeline/hpkd.py",
+    "pipeline/methods/hpkd.py",
+    "pipeline/data/speed.py",
+    "pipeline/data/clips.py",
+    "pipeline/data/shards.py",
+    "pipeline/models/video.py",
+)
+
+
+def hpkd_stages(params: Params) -> list[Stage]:
+    """Pre-training of each variant a table needs, the fine-tunes, the tables."""
+    dataset = params.dataset
+    split = f"datasets.{dataset}.split"
+    stages: dict[str, Stage] = {}
+    tables = hpkd_tables(params)
+    for rows in tables.values():
+        for _, run in rows:
+            backbone = f"hpkd.backbones.{run.backbone}"
+            pre = run_dir(dataset, run.pretrain_name)
+            if run.variant != "scratch" and run.pretrain_name not in stages:
+                kd = run.variant != "rsp"
+                deps = [_shards(dataset)]
+                outs = [f"{pre}model.pt", f"{pre}metrics.json"]
+                if kd:
+                    deps += [features_dir(dataset, "schp"), f"{teacher_dir('schp')}model.pt"]
+                    outs.append(f"{pre}parts.png")
+                stages[run.pretrain_name] = Stage(
+                    name=f"hpkd_pretrain_{dataset}_{run.where}",
+                    cmd=f"python -m pipeline hpkd-pretrain --dataset {dataset} {run.args}",
+                    deps=tuple(deps),
+                    outs=tuple(outs),
+                    params=(backbone, "hpkd.shared_stages", "hpkd.pretrain", split),
+                    code=(*HPKD_CODE, "pipeline/train.py", "pipeline/teachers/features.py",
+                          "pipeline/figures.py"),
+                    gpu=1,
+                )  # fmt: skip
+            out = run_dir(dataset, run.name)
+            stages.setdefault(run.name, Stage(
+                name=f"hpkd_finetune_{dataset}_{run.where}",
+                cmd=f"python -m pipeline hpkd-finetune --dataset {dataset} {run.args}",
+                deps=(_shards(dataset), *(() if run.variant == "scratch" else (f"{pre}model.pt",))),
+                outs=(f"{out}model.pt", f"{out}metrics.json", f"{out}confusion.png"),
+                params=(backbone, "hpkd.shared_stages", "hpkd.labeled_percent", "hpkd.clips",
+                        "hpkd.finetune", split),
+                code=TRAIN_CODE,
+                gpu=1,
+            ))  # fmt: skip
+    for table, rows in tables.items():
+        stages[table] = Stage(
+            name=table,
+            cmd=f"python -m pipeline table {table}",
+            deps=tuple(dict.fromkeys(f"{run_dir(dataset, r.name)}metrics.json" for _, r in rows)),
+            outs=(f"results/tables/{table}.csv", f"results/figures/{table}.png"),
+            params=(f"tables.{table}", "dataset"),
+            code=("pipeline/tables.py",),
+            target=True,
+        )
+    return list(stages.values())
+
+
 def build_stages(params: Params) -> list[Stage]:
     stages = data_stages(params) + selfkd_stages(params) + teacher_stages(params)
-    stages += dtg_stages(params) + timebalance_stages(params)
+    stages += dtg_stages(params) + timebalance_stages(params) + hpkd_stages(params)
     names = [stage.name for stage in stages]
     duplicates = {name for name in names if names.count(name) > 1}
     if duplicates:

@@ -1,6 +1,7 @@
 """The methods' figures: DTG-Net's online teacher weights over training (its Figure 3) and t-SNE
 of the student's features with and without supervised DTG (its Figure 4); TimeBalance's
-temporal similarity score per video (histogram) and per class.
+temporal similarity score per video (histogram) and per class; the human-parsing KD decoder's
+part maps beside its teacher's.
 
 Figures are drawn on matplotlib's Figure (Agg, no pyplot state) and written atomically.
 """
@@ -155,6 +156,46 @@ def similarity_figures(
     ax.set_title(f"{title}; red: classes only motion tells apart" if highlight else title)
     fig.tight_layout()
     _save(fig, classes_png)
+
+
+def part_maps_figure(
+    frames: np.ndarray,
+    teacher: np.ndarray,
+    predicted: np.ndarray,
+    class_names: Sequence[str],
+    out_png: str | os.PathLike,
+    *,
+    title: str,
+) -> None:
+    """One column per clip: its middle frame (H, W, 3 uint8); the teacher's and the decoder's
+    most likely part per position ((N, C, s, s) probabilities), one colour per part; and both
+    maps' probability of a person (1 - P(class 0, background) in every SCHP label set)."""
+    from matplotlib import colormaps
+    from matplotlib.patches import Patch
+
+    colours = colormaps["tab20"].resampled(len(class_names))
+    count = len(frames)
+    fig = _figure(1.6 * count + 1.8, 8.4)
+    axes = fig.subplots(5, count, squeeze=False)
+    for k in range(count):
+        axes[0, k].imshow(frames[k])
+        for row, maps in ((1, teacher), (2, predicted)):
+            axes[row, k].imshow(maps[k].argmax(0), cmap=colours, vmin=-0.5,
+                                vmax=len(class_names) - 0.5, interpolation="nearest")  # fmt: skip
+        for row, maps in ((3, teacher), (4, predicted)):
+            axes[row, k].imshow(1 - maps[k, 0], cmap="gray", vmin=0, vmax=1,
+                                interpolation="nearest")  # fmt: skip
+    for ax in axes.ravel():
+        ax.set_xticks([]), ax.set_yticks([])
+    labels = ("middle frame", "teacher parts", "decoder parts", "teacher P(person)",
+              "decoder P(person)")  # fmt: skip
+    for row, label in enumerate(labels):
+        axes[row, 0].set_ylabel(label, fontsize=8)
+    handles = [Patch(color=colours(i), label=name) for i, name in enumerate(class_names)]
+    fig.legend(handles=handles, loc="center right", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.subplots_adjust(right=1 - 1.6 / (1.6 * count + 1.8), top=0.94)
+    _save(fig, out_png)
 
 
 @torch.no_grad()

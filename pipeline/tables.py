@@ -492,13 +492,21 @@ def tb_table(name: str, rows: Sequence[tuple[str, object]], run_dirs: dict) -> p
          **finetune_metrics(run_dirs[run.name])}
         for label, run in rows
     ]  # fmt: skip
-    frame = pd.DataFrame(records)
+    table = _compare_per_group(pd.DataFrame(records), "budget", TB_REFERENCES[name])
+    table["paper_acc@1"] = [
+        TB_PAPER[name].get(r, {}).get(b) for r, b in zip(table["row"], table["budget"], strict=True)
+    ]
+    return table
+
+
+def _compare_per_group(frame: pd.DataFrame, group: str, references: Sequence[str]) -> pd.DataFrame:
+    """Per value of `group` (a budget, a backbone): acc@1, acc@5 and probe@1 over the seeds,
+    each row's acc@1 compared seed by seed with each reference row of the same group."""
     parts = []
-    for budget, per_budget in frame.groupby("budget", sort=False):
-        table = _summarise(per_budget, ["budget", "row"], ["acc@1", "acc@5", "probe@1"])
-        for reference in TB_REFERENCES[name]:
-            table = compare_paired(table, per_budget, reference, [("acc@1", "")])
-        table["paper_acc@1"] = [TB_PAPER[name].get(r, {}).get(budget) for r in table["row"]]
+    for _, rows in frame.groupby(group, sort=False):
+        table = _summarise(rows, [group, "row"], ["acc@1", "acc@5", "probe@1"])
+        for reference in references:
+            table = compare_paired(table, rows, reference, [("acc@1", "")])
         parts.append(table)
     return pd.concat(parts, ignore_index=True)
 
@@ -509,4 +517,49 @@ def write_tb_table(name: str, rows, run_dirs: dict, csv_path: Path, png_path: Pa
         row=[f"{r} ({b}%)" for r, b in zip(table["row"], table["budget"], strict=True)]
     )
     _bar_figure(labelled, TB_TITLES[name], png_path, reference=None)
+    return write_table(table, csv_path)
+
+
+# The human-parsing KD paper's UCF101 (acc@1, acc@5) per backbone (spec section 4; "w/o KD" and
+# "RSP only" are its RSPNet* rows, re-fine-tuned for 100 epochs; it has no scratch row).
+HPKD_PAPER = {
+    "c3d": {"RSP only (no KD)": (77.6, 93.7), "w/o KD": (77.6, 93.7), "TI": (79.3, 92.1),
+            "Full": (80.4, 95.7)},
+    "r2plus1d": {"RSP only (no KD)": (79.4, 94.3), "w/o KD": (79.4, 94.3), "TI": (80.1, 94.3),
+                 "Full": (81.6, 95.3)},
+}  # fmt: skip
+HPKD_REFERENCES = {
+    "hpkd_table1": ("Scratch", "RSP only (no KD)"),
+    "hpkd_table2": ("w/o KD", "TI"),
+}
+HPKD_TITLES = {
+    "hpkd_table1": "Human-parsing KD table 1: pre-training vs scratch",
+    "hpkd_table2": "Human-parsing KD table 2: w/o KD, TI, Full",
+}
+
+
+def hpkd_table(name: str, rows: Sequence[tuple[str, object]], run_dirs: dict) -> pd.DataFrame:
+    """A human-parsing KD table from its (row label, HPKDRun) pairs (pipeline.dag.hpkd_tables):
+    per backbone, acc@1, acc@5 and probe@1 over the seeds, each row compared seed by seed with
+    the reference rows (HPKD_REFERENCES), the paper's UCF101 numbers beside."""
+    records = [
+        {"backbone": run.backbone, "row": label, "seed": run.seed,
+         **finetune_metrics(run_dirs[run.name])}
+        for label, run in rows
+    ]  # fmt: skip
+    table = _compare_per_group(pd.DataFrame(records), "backbone", HPKD_REFERENCES[name])
+    paper = [
+        HPKD_PAPER[b].get(r, (None, None))
+        for r, b in zip(table["row"], table["backbone"], strict=True)
+    ]
+    table["paper_acc@1"], table["paper_acc@5"] = [p[0] for p in paper], [p[1] for p in paper]
+    return table
+
+
+def write_hpkd_table(name: str, rows, run_dirs: dict, csv_path: Path, png_path: Path):
+    table = hpkd_table(name, rows, run_dirs)
+    labelled = table.assign(
+        row=[f"{r} ({b})" for r, b in zip(table["row"], table["backbone"], strict=True)]
+    )
+    _bar_figure(labelled, HPKD_TITLES[name], png_path, reference=None)
     return write_table(table, csv_path)

@@ -52,12 +52,18 @@ TINY = {
         "finetune": {"epochs": 2, "batch_size": 4},
         "student": {"train": {"epochs": 2, "batch_size": 4}},
     },
+    "hpkd": {
+        "labeled_percent": 50,
+        "pretrain": {"queue_size": 16, "train": {"epochs": 1, "batch_size": 8}},
+        "finetune": {"epochs": 2, "batch_size": 4},
+    },
     "tables": {
         "selfkd_table3": {"seeds": [0]},
         "selfkd_table8": {"taus": [5.0, 10.0], "lambdas": [0.2], "seeds": [0]},
         "table3": {"seeds": [0]},
         "tb_table2": {"seeds": [0], "percents": [50]},
         "tb_table3": {"seeds": [0], "percents": [50]},
+        "hpkd_table2": {"seeds": [0], "backbones": ["r2plus1d"]},
     },
 }
 
@@ -297,6 +303,31 @@ def test_timebalance_table2_through_snakemake_then_dvc_agree(data_project, tmp_p
     (project / target).unlink()
     out = sh("dvc", "repro", "tb_table2", cwd=project)
     assert "Running stage 'tb_ssl_synth_tclr'" in out
+    pd.testing.assert_frame_equal(by_snakemake, pd.read_csv(project / target))
+
+
+def test_hpkd_table2_through_snakemake_then_dvc_agree(data_project, tmp_path):
+    """The parsing teacher and its cache, three pre-trainings and their fine-tunes, alike."""
+    project = tmp_path / "project"
+    shutil.copytree(data_project, project, symlinks=True)
+    target = "results/tables/hpkd_table2.csv"
+    sh("snakemake", "--cores", "2", target, cwd=project)
+    by_snakemake = pd.read_csv(project / target)
+    assert list(by_snakemake["row"]) == ["w/o KD", "TI", "Full"]
+    assert by_snakemake["acc@1_mean"].between(0, 100).all()
+    assert set(by_snakemake["beats_w/o KD"].dropna()) <= {"", "one seed"}
+    runs = project / "results/runs/synth"
+    for variant in ("ti", "full"):
+        metrics = json.loads((runs / f"hpkd_pre_{variant}_r2plus1d_s0/metrics.json").read_text())
+        assert 0 <= metrics["test_parts"]["argmax_agreement"] <= 1
+        assert (runs / f"hpkd_pre_{variant}_r2plus1d_s0/parts.png").stat().st_size > 1000
+    assert not (runs / "hpkd_pre_rsp_r2plus1d_s0/parts.png").exists()
+    assert snakemake_plan(project, target) == set()
+
+    shutil.rmtree(project / "results/runs")
+    (project / target).unlink()
+    out = sh("dvc", "repro", "hpkd_table2", cwd=project)
+    assert "Running stage 'hpkd_pretrain_synth_full_r2plus1d_s0'" in out
     pd.testing.assert_frame_equal(by_snakemake, pd.read_csv(project / target))
 
 

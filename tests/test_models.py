@@ -272,3 +272,38 @@ def test_bench_models_reports_positive_throughput(capsys):
     assert rows[0]["train_clips_per_s"] > 0 and rows[0]["inference_clips_per_s"] > 0
     assert 0 < rows[0]["train_gflops_per_clip"] < 1
     assert "r3d_18" in capsys.readouterr().out
+
+
+def test_c3d_at_full_size_gives_rspnets_feature_map():
+    model = build_video_model("c3d", num_classes=101).eval()
+    with torch.no_grad():
+        assert model.feature_map(torch.zeros(1, 3, 16, 112, 112)).shape == (1, 512, 2, 7, 7)
+    assert model.feature_dim == 512
+    with pytest.raises(ValueError, match="c3d has fixed conv groups"):
+        build_video_model("c3d", num_classes=2, layers=(1, 1, 1, 1))
+
+
+@pytest.mark.parametrize("name", ["r3d_18", "r2plus1d_18", "c3d"])
+def test_a_branched_network_shares_the_low_stages_and_concatenates_its_branches(name):
+    torch.manual_seed(0)
+    model = build_video_model(name, num_classes=12, branches=2, shared_stages=3,
+                              **TINY_VIDEO_SETTINGS[name]).eval()  # fmt: skip
+    single = build_video_model(name, num_classes=0, **TINY_VIDEO_SETTINGS[name])
+    assert model.feature_dim == 2 * single.feature_dim == 2 * model.branch_dim
+    clip = seeded_randn(2, 3, 8, 40, 40)
+    with torch.no_grad():
+        maps = model.branch_maps(clip)
+        assert len(maps) == 2 and maps[0].shape == maps[1].shape
+        assert maps[0].shape[1] == single.feature_dim
+        # the branches start from independent draws: different outputs of one low-level map
+        assert not torch.allclose(maps[0], maps[1])
+        assert torch.allclose(model.features(clip), torch.cat(maps, 1).mean(dim=(2, 3, 4)))
+        assert model(clip).shape == (2, 12)
+    # one copy of the low-level stages, two of the high-level ones
+    low = sum(p.numel() for p in model.low.parameters())
+    high = sum(p.numel() for p in model.high[0].parameters())
+    assert count_parameters(model) == low + 2 * high + 2 * single.feature_dim * 12 + 12
+    with pytest.raises(ValueError, match="no stages to branch"):
+        build_video_model("tsn_resnet18", num_classes=2, branches=2)
+    with pytest.raises(ValueError, match="shared_stages"):
+        build_video_model(name, num_classes=2, branches=2, shared_stages=5)

@@ -13,12 +13,14 @@ import types
 
 import numpy as np
 import pytest
+import torch
 import torch.nn.functional as F
 
 from pipeline.data.clips import ClipDataset
 from pipeline.data.guided import GuidedClipDataset
 from pipeline.data.samplers import DenseSampler
-from pipeline.methods import dtg, timebalance
+from pipeline.data.speed import SpeedPairDataset
+from pipeline.methods import dtg, hpkd, timebalance
 from pipeline.models import build_video_model
 from pipeline.train import TrainSpec, fit, make_loader, seed_everything
 from tests import oracle
@@ -168,3 +170,82 @@ def test_timebalance_targets_of_other_clips_fail_the_oracle_bar(
     )
     probe = tb_probe(shards, oracle.OrientationOracle(), tmp_path)
     assert probe < dtg_baseline + oracle.ORACLE_LIFT, (probe, dtg_baseline)
+
+
+# ---------------------------------------------------------------- human-parsing KD's KD branch
+
+
+class OracleParts:
+    """A parsing teacher whose part map carries the label: every position's most likely part is
+    the video's class (probability 0.9, the rest spread evenly)."""
+
+    def __init__(self, shard_dir):
+        self.labels = oracle._manifest(shard_dir)["label"].to_numpy()
+
+    def read(self, row: int, frame_indices) -> dict:
+        count = len(np.asarray(frame_indices).ravel())
+        parts = np.full((count, oracle.CLASSES, 4, 4), 0.1 / (oracle.CLASSES - 1), np.float32)
+        parts[:, self.labels[row]] = 0.9
+        return {"parts": parts}
+
+
+class NoiseParts:
+    """A parsing teacher of pure noise: fresh random part distributions at every read (seeded
+    by the read), unrelated to the video."""
+
+    def read(self, row: int, frame_indices) -> dict:
+        frames = np.asarray(frame_indices).ravel().tolist()
+        rng = np.random.default_rng([row, *frames])
+        logits = rng.standard_normal((len(frames), oracle.CLASSES, 4, 4)).astype(np.float32)
+        return {"parts": torch.from_numpy(3 * logits).softmax(1).numpy()}
+
+
+def kd_student():
+    return build_video_model("r3d_18", num_classes=0, width=8, layers=[1, 1, 1, 1], stem_stride=2,
+                             stem_pool=False, branches=2)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def kd_baseline(shards):
+    seed_everything(0)
+    return oracle.student_probe(kd_student(), shards)
+
+
+def kd_probe(shards, parts, run_dir, seed: int = 0) -> float:
+    """The full model pre-trained with the KD loss alone (the contrastive weights 0) on `parts`,
+    then the linear probe of its representation [z_h || z_c]."""
+    train, _ = oracle.split_rows(shards)
+    dataset = SpeedPairDataset(shards, rows=train, frames=4, crop_size=oracle.SIZE, seed=seed,
+                               parts=parts, swap=[*range(oracle.CLASSES)], parts_out=4)  # fmt: skip
+    loader = make_loader(dataset, batch_size=16, shuffle=True, seed=seed, drop_last=True)
+    seed_everything(seed)
+    network = kd_student()
+    method = hpkd.HPKD(network, variant="full", num_parts=oracle.CLASSES, parts_size=4,
+                       decoder_upscale=2, motion_weight=0.0, appearance_weight=0.0,
+                       queue_size=32, queue_seed=seed)  # fmt: skip
+    spec = TrainSpec(epochs=KD_EPOCHS, lr=0.1, weight_decay=5e-4, schedule="cosine",
+                     warmup_epochs=1, seed=seed, device="cpu", channels_last=True)  # fmt: skip
+    fit(method, loader, run_dir=run_dir, params={}, spec=spec)
+    return oracle.student_probe(network, shards)
+
+
+KD_EPOCHS = 60
+
+
+def test_hpkd_oracle_part_maps_lift_the_probe_far_above_random_init(shards, kd_baseline, tmp_path):
+    probe = kd_probe(shards, OracleParts(shards), tmp_path)
+    assert probe >= kd_baseline + oracle.ORACLE_LIFT, (probe, kd_baseline)
+
+
+def test_hpkd_noise_part_maps_give_no_lift(shards, kd_baseline, tmp_path):
+    probe = kd_probe(shards, NoiseParts(), tmp_path)
+    assert probe < kd_baseline + oracle.NOISE_BAND, (probe, kd_baseline)
+
+
+def test_hpkd_part_maps_of_other_videos_fail_the_oracle_bar(
+    shards, kd_baseline, tmp_path, monkeypatch
+):
+    real = hpkd.parsing_kd_loss
+    monkeypatch.setattr(hpkd, "parsing_kd_loss", lambda s, t: real(s, t.roll(1, dims=0)))
+    probe = kd_probe(shards, OracleParts(shards), tmp_path)
+    assert probe < kd_baseline + oracle.ORACLE_LIFT, (probe, kd_baseline)

@@ -1,4 +1,6 @@
-"""Video backbones: R3D-18 and R(2+1)D-18 (torchvision's layout) and TSN over a 2D ResNet.
+"""Video backbones: R3D-18 and R(2+1)D-18 (torchvision's layout), C3D (RSPNet's, with BatchNorm),
+TSN over a 2D ResNet, and a two-branch wrapper (a shared low-level encoder, task-dependent
+high-level encoders) for the human-parsing KD method.
 
 Every model takes (B, C, T, H, W) float clips and offers:
   feature_map(x) -> (B, feature_dim, T', H', W')   last stage, before pooling
@@ -194,6 +196,110 @@ class TSN(ImageResNet):
     def features(self, x: Tensor) -> Tensor:
         # all frame maps have one size, so this is the mean of the per-segment pooled features
         return self.feature_map(x).mean(dim=(2, 3, 4))
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm3d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+class C3D(nn.Module):
+    """C3D (Tran et al. 2015) as RSPNet pre-trains it (models/c3d.py): 3x3x3 convolutions with
+    BatchNorm, widths (w, 2w, 4w, 8w, 8w), no fully connected layers before the classifier.
+
+    Its five conv groups are named as the ResNets' stages, so one split point serves every
+    backbone: stem = conv1 + pool1 (1x2x2, spatial stride `stem_stride`), layer1 = conv2 + pool2,
+    layer2 = conv3a/b + pool3, layer3 = conv4a/b + pool4 (pools 2x2x2), layer4 = conv5a/b. At
+    width 64 on 16x112x112 clips the feature map is RSPNet's (512, 2, 7, 7).
+    """
+
+    memory_format = torch.channels_last_3d
+
+    def __init__(self, *, num_classes: int, width: int = 64, stem_stride: int = 2) -> None:
+        super().__init__()
+        pool = nn.MaxPool3d(kernel_size=2, stride=2)
+        self.stem = nn.Sequential(
+            _conv_bn_relu(3, width),
+            nn.MaxPool3d(
+                kernel_size=(1, stem_stride, stem_stride), stride=(1, stem_stride, stem_stride)
+            ),
+        )
+        self.layer1 = nn.Sequential(_conv_bn_relu(width, 2 * width), pool)
+        self.layer2 = nn.Sequential(
+            _conv_bn_relu(2 * width, 4 * width), _conv_bn_relu(4 * width, 4 * width), pool
+        )
+        self.layer3 = nn.Sequential(
+            _conv_bn_relu(4 * width, 8 * width), _conv_bn_relu(8 * width, 8 * width), pool
+        )
+        self.layer4 = nn.Sequential(
+            _conv_bn_relu(8 * width, 8 * width), _conv_bn_relu(8 * width, 8 * width)
+        )
+        self.feature_dim = 8 * width
+        self.fc = nn.Linear(self.feature_dim, num_classes) if num_classes > 0 else nn.Identity()
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.constant_(m.bias, 0)
+
+    def feature_map(self, x: Tensor) -> Tensor:
+        return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.feature_map(x).mean(dim=(2, 3, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x))
+
+
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+
+class BranchedVideoNet(nn.Module):
+    """A shared low-level encoder f_l (a backbone's first `shared_stages` of STAGES) feeding
+    one task-dependent high-level encoder per backbone (the remaining stages of each
+    backbone), as the human-parsing KD method's f_l, h_h, h_c. Each branch comes from its own
+    freshly built backbone, so the branches start from independent draws. The representation is
+    the concatenation of the branches' pooled maps: feature_dim = branches x the backbone's.
+    """
+
+    def __init__(self, backbones: list[nn.Module], *, shared_stages: int, num_classes: int):
+        super().__init__()
+        if not 1 <= shared_stages < len(STAGES):
+            raise ValueError(f"shared_stages must be 1..{len(STAGES) - 1}, got {shared_stages}")
+        if len(backbones) < 2:
+            raise ValueError(f"a branched network needs >= 2 branches, got {len(backbones)}")
+        first = backbones[0]
+        self.shared_stages = shared_stages
+        self.low = nn.Sequential(*(getattr(first, s) for s in STAGES[:shared_stages]))
+        self.high = nn.ModuleList(
+            nn.Sequential(*(getattr(b, s) for s in STAGES[shared_stages:])) for b in backbones
+        )
+        self.memory_format = first.memory_format
+        self.branch_dim = first.feature_dim
+        self.feature_dim = len(backbones) * first.feature_dim
+        self.fc = nn.Linear(self.feature_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes > 0:
+            nn.init.normal_(self.fc.weight, 0, 0.01)
+            nn.init.constant_(self.fc.bias, 0)
+
+    def branch_maps(self, x: Tensor) -> list[Tensor]:
+        """Each high-level encoder's map of the shared low-level map, in branch order."""
+        low = self.low(x)
+        return [high(low) for high in self.high]
+
+    def feature_map(self, x: Tensor) -> Tensor:
+        return torch.cat(self.branch_maps(x), dim=1)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.feature_map(x).mean(dim=(2, 3, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x))
 
 
 VIDEO_RESNET_SPECS: dict[str, tuple[ConvBuilder, Callable[..., nn.Sequential]]] = {
