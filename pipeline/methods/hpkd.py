@@ -191,7 +191,9 @@ class HPKD(Method):
         feature_map = network.feature_map(clips)
         return feature_map, feature_map
 
-    def _contrast_map(self, network: nn.Module, clips: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _contrast_map(network: nn.Module, clips: torch.Tensor) -> torch.Tensor:
+        """The contrastive branch's map alone (the key encoder needs no parsing branch)."""
         if hasattr(network, "branch_maps"):
             return network.high[-1](network.low(clips))
         return network.feature_map(clips)
