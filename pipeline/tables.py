@@ -533,8 +533,8 @@ HPKD_REFERENCES = {
     "hpkd_table2": ("w/o KD", "TI"),
 }
 HPKD_TITLES = {
-    "hpkd_table1": "Human-parsing KD table 1: pre-training vs scratch",
-    "hpkd_table2": "Human-parsing KD table 2: w/o KD, TI, Full",
+    "hpkd_table1": "Human-parsing KD table 1",
+    "hpkd_table2": "Human-parsing KD table 2",
 }
 
 
