@@ -17,8 +17,9 @@ except ConfigError as err:
 
 STAGES = build_stages(PARAMS)
 # Stages that can use a GPU claim the `gpu` resource (capped by the profile) only where there is
-# one; on a CPU-only machine they run side by side, limited by --cores alone.
-HAS_GPU = shutil.which("nvidia-smi") is not None
+# one; on a CPU-only machine they run side by side, limited by --cores alone. A cluster profile
+# sets `config: {gpus: true}`: its login node has no GPU, its compute nodes do.
+USE_GPU = config.get("gpus", shutil.which("nvidia-smi") is not None)
 
 
 def _files(paths):
@@ -59,6 +60,8 @@ for stage in STAGES:
         conda:
             "envs/pipeline.yaml"
         resources:
-            gpu=stage.gpu if HAS_GPU else 0,
+            gpu=stage.gpu if USE_GPU else 0,
+            mem_mb=stage.mem_mb,
+            runtime=stage.runtime,
         shell:
             "{params.cmd} --threads {threads}"

@@ -29,8 +29,10 @@ class Stage:
     deps: tuple[str, ...] = ()  # data inputs (other stages' outputs or raw data)
     params: tuple[str, ...] = ()  # dotted params.yaml keys the command reads (and only those)
     code: tuple[str, ...] = ()  # source files whose change invalidates the outputs
-    threads: int = 1
-    gpu: int = 0
+    threads: int = 1  # also the CPUs a cluster job asks for (--cpus-per-task)
+    gpu: int = 0  # GPUs the stage can use (claimed where there are GPUs, see the Snakefile)
+    mem_mb: int = 4000  # memory a cluster job asks for
+    runtime: int = 30  # minutes a cluster job asks for
     target: bool = False  # part of `snakemake all`, the default target
 
     def command(self) -> str:
@@ -41,6 +43,11 @@ class Stage:
         """Declared params' values as canonical JSON: Snakemake reruns a rule when it changes."""
         return json.dumps({key: lookup(params, key) for key in self.params}, sort_keys=True)
 
+
+# What every training stage asks a scheduler for (`python -m pipeline`'s training commands on
+# real data: UCF101 pre-training runs for hours on one GPU). Change them here, once; a cluster's
+# partition and account are set in profiles/slurm.
+TRAINING = {"gpu": 1, "mem_mb": 32000, "runtime": 720}
 
 # The caption of each table and figure in `snakemake --report` (report/<name>.rst), by path.
 CAPTIONS = (
@@ -228,7 +235,7 @@ def train_stage(dataset: str, run: RunSpec) -> Stage:
         outs=(f"{out}model.pt", f"{out}metrics.json", f"{out}confusion.png"),
         params=tuple(params),
         code=tuple(code),
-        gpu=1,
+        **TRAINING,
     )
 
 
@@ -321,7 +328,7 @@ def teacher_stage(params: Params, name: str) -> Stage:
         outs=(f"{out}model.pt", f"{out}metrics.json"),
         params=tuple(declared),
         code=tuple(code),
-        gpu=1,
+        **TRAINING,
     )
 
 
@@ -336,7 +343,7 @@ def features_stage(params: Params, dataset: str, teacher: str) -> Stage:
         outs=(features_dir(dataset, teacher),),
         params=tuple(declared),
         code=(*TEACHER_CODE, "pipeline/teachers/features.py", "pipeline/data/shards.py"),
-        gpu=1,
+        **TRAINING,
     )
 
 
@@ -606,7 +613,7 @@ def pretrain_stage(params: Params, dataset: str, run: DTGRun) -> Stage:
         outs=tuple(outs),
         params=tuple(declared),
         code=(*DTG_CODE, "pipeline/pretrain.py", "pipeline/train.py", "pipeline/models/video.py"),
-        gpu=1,
+        **TRAINING,
     )
 
 
@@ -647,7 +654,7 @@ def finetune_stage(params: Params, dataset: str, run: FinetuneRun) -> Stage:
         outs=(f"{out}model.pt", f"{out}metrics.json", f"{out}confusion.png"),
         params=tuple(declared),
         code=tuple(code),
-        gpu=1,
+        **TRAINING,
     )
 
 
@@ -875,7 +882,7 @@ def tb_run_stage(dataset: str, run: TBRun) -> Stage:
         outs=(f"{out}model.pt", f"{out}metrics.json", f"{out}confusion.png"),
         params=tuple(declared),
         code=tuple(dict.fromkeys((*TB_CODE, *TRAIN_CODE))),
-        gpu=1,
+        **TRAINING,
     )
 
 
@@ -923,7 +930,7 @@ def timebalance_stages(params: Params) -> list[Stage]:
                 outs=(f"{out}model.pt", f"{out}head.pt", f"{out}metrics.json"),
                 params=("timebalance.backbone", "timebalance.ssl", f"datasets.{dataset}.split"),
                 code=(*TB_CODE, "pipeline/train.py"),
-                gpu=1,
+                **TRAINING,
             )
         )
     stages += [tb_similarity_stage(dataset, pair) for pair in pairs]
@@ -1028,7 +1035,7 @@ def hpkd_stages(params: Params) -> list[Stage]:
                     params=(backbone, "hpkd.shared_stages", "hpkd.pretrain", split),
                     code=(*HPKD_CODE, "pipeline/train.py", "pipeline/teachers/features.py",
                           "pipeline/figures.py"),
-                    gpu=1,
+                    **TRAINING,
                 )  # fmt: skip
             out = run_dir(dataset, run.name)
             stages.setdefault(run.name, Stage(
@@ -1039,7 +1046,7 @@ def hpkd_stages(params: Params) -> list[Stage]:
                 params=(backbone, "hpkd.shared_stages", "hpkd.labeled_percent", "hpkd.clips",
                         "hpkd.finetune", split),
                 code=TRAIN_CODE,
-                gpu=1,
+                **TRAINING,
             ))  # fmt: skip
     for table, rows in tables.items():
         stages[table] = Stage(
