@@ -188,10 +188,8 @@ def cmd_table(args) -> None:
         return _teachers_table()
     if args.table in ("table3", "table2", "table4", "table1"):
         return _dtg_table(args.table)
-    if args.table.startswith("tb_"):
-        return _tb_table(args.table)
-    if args.table.startswith("hpkd_"):
-        return _hpkd_table(args.table)
+    if args.table.startswith(("tb_", "hpkd_")):
+        return _runs_table(args.table)
     _, all_params, params = _stage(args.table)
     from pipeline.dag import run_dir, selfkd_runs
     from pipeline.tables import write_selfkd_table
@@ -419,16 +417,17 @@ def _dtg_table(name: str) -> None:
     )
 
 
-def _tb_table(name: str) -> None:
+def _runs_table(name: str) -> None:
+    """A TimeBalance or human-parsing KD table: its rows' runs, one folder each."""
     _, all_params, params = _stage(name)
-    from pipeline.dag import run_dir, tb_tables
-    from pipeline.tables import write_tb_table
+    from pipeline import dag, tables
 
-    rows = tb_tables(all_params)[name]
-    write_tb_table(
+    method = "tb" if name.startswith("tb_") else "hpkd"
+    rows = getattr(dag, f"{method}_tables")(all_params)[name]
+    getattr(tables, f"write_{method}_table")(
         name,
         rows,
-        {run.name: Path(run_dir(params.dataset, run.name)) for _, run in rows},
+        {run.name: Path(dag.run_dir(params.dataset, run.name)) for _, run in rows},
         Path(f"results/tables/{name}.csv"),
         Path(f"results/figures/{name}.png"),
     )
@@ -610,21 +609,6 @@ def tb_run_of(args):
 
 def cmd_tb_train(args) -> None:
     _tb_train(args, tb_run_of(args))
-
-
-def _hpkd_table(name: str) -> None:
-    _, all_params, params = _stage(name)
-    from pipeline.dag import hpkd_tables, run_dir
-    from pipeline.tables import write_hpkd_table
-
-    rows = hpkd_tables(all_params)[name]
-    write_hpkd_table(
-        name,
-        rows,
-        {run.name: Path(run_dir(params.dataset, run.name)) for _, run in rows},
-        Path(f"results/tables/{name}.csv"),
-        Path(f"results/figures/{name}.png"),
-    )
 
 
 def _hpkd_run(args):

@@ -99,14 +99,33 @@ def _replicate_time_padding(module: nn.Module) -> None:
             _replicate_time_padding(child)
 
 
-class VideoResNet(nn.Module):
+STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
+
+
+class StagedVideoNet(nn.Module):
+    """What the 3D backbones share: five stages named STAGES, a map after the last, its global
+    average as the features, a classifier `fc` on them (subclasses build the modules)."""
+
+    memory_format = torch.channels_last_3d
+
+    def feature_map(self, x: Tensor) -> Tensor:
+        for stage in STAGES:
+            x = getattr(self, stage)(x)
+        return x
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.feature_map(x).mean(dim=(2, 3, 4))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.features(x))
+
+
+class VideoResNet(StagedVideoNet):
     """torchvision's VideoResNet (BasicBlock) with stage widths (w, 2w, 4w, 8w) and stem options.
 
     Stages 2-4 stride 2 in time and space, as in torchvision. At width 64, layers (2, 2, 2, 2)
     and the default stem, parameter names equal torchvision's r3d_18 / r2plus1d_18.
     """
-
-    memory_format = torch.channels_last_3d
 
     def __init__(
         self,
@@ -169,15 +188,6 @@ class VideoResNet(nn.Module):
         stage += [BasicBlock(planes, planes, conv_builder) for _ in range(1, blocks)]
         return nn.Sequential(*stage)
 
-    def feature_map(self, x: Tensor) -> Tensor:
-        return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
-
-    def features(self, x: Tensor) -> Tensor:
-        return self.feature_map(x).mean(dim=(2, 3, 4))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.features(x))
-
 
 class TSN(ImageResNet):
     """Temporal Segment Network: a 2D ResNet on every frame (segment), average consensus.
@@ -206,7 +216,7 @@ def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
     )
 
 
-class C3D(nn.Module):
+class C3D(StagedVideoNet):
     """C3D (Tran et al. 2015) as RSPNet pre-trains it (models/c3d.py): 3x3x3 convolutions with
     BatchNorm, widths (w, 2w, 4w, 8w, 8w), no fully connected layers before the classifier.
 
@@ -215,8 +225,6 @@ class C3D(nn.Module):
     layer2 = conv3a/b + pool3, layer3 = conv4a/b + pool4 (pools 2x2x2), layer4 = conv5a/b. At
     width 64 on 16x112x112 clips the feature map is RSPNet's (512, 2, 7, 7).
     """
-
-    memory_format = torch.channels_last_3d
 
     def __init__(self, *, num_classes: int, width: int = 64, stem_stride: int = 2) -> None:
         super().__init__()
@@ -246,20 +254,8 @@ class C3D(nn.Module):
                 nn.init.normal_(m.weight, 0, 0.01)
                 nn.init.constant_(m.bias, 0)
 
-    def feature_map(self, x: Tensor) -> Tensor:
-        return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
 
-    def features(self, x: Tensor) -> Tensor:
-        return self.feature_map(x).mean(dim=(2, 3, 4))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.features(x))
-
-
-STAGES = ("stem", "layer1", "layer2", "layer3", "layer4")
-
-
-class BranchedVideoNet(nn.Module):
+class BranchedVideoNet(StagedVideoNet):
     """A shared low-level encoder f_l (a backbone's first `shared_stages` of STAGES) feeding
     one task-dependent high-level encoder per backbone (the remaining stages of each
     backbone), as the human-parsing KD method's f_l, h_h, h_c. Each branch comes from its own
@@ -279,7 +275,6 @@ class BranchedVideoNet(nn.Module):
         self.high = nn.ModuleList(
             nn.Sequential(*(getattr(b, s) for s in STAGES[shared_stages:])) for b in backbones
         )
-        self.memory_format = first.memory_format
         self.branch_dim = first.feature_dim
         self.feature_dim = len(backbones) * first.feature_dim
         self.fc = nn.Linear(self.feature_dim, num_classes) if num_classes > 0 else nn.Identity()
@@ -294,12 +289,6 @@ class BranchedVideoNet(nn.Module):
 
     def feature_map(self, x: Tensor) -> Tensor:
         return torch.cat(self.branch_maps(x), dim=1)
-
-    def features(self, x: Tensor) -> Tensor:
-        return self.feature_map(x).mean(dim=(2, 3, 4))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.fc(self.features(x))
 
 
 VIDEO_RESNET_SPECS: dict[str, tuple[ConvBuilder, Callable[..., nn.Sequential]]] = {
