@@ -1034,7 +1034,7 @@ def hpkd_stages(params: Params) -> list[Stage]:
                     outs=tuple(outs),
                     params=(backbone, "hpkd.shared_stages", "hpkd.pretrain", split),
                     code=(*HPKD_CODE, "pipeline/train.py", "pipeline/teachers/features.py",
-                          "pipeline/figures.py"),
+                          "pipeline/teachers/__init__.py", "pipeline/figures.py"),
                     **TRAINING,
                 )  # fmt: skip
             out = run_dir(dataset, run.name)
