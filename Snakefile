@@ -8,6 +8,7 @@ sys.path.insert(0, workflow.basedir)
 from pipeline.config import load_params
 from pipeline.dag import build_stages, caption, is_report_item
 from pipeline.errors import ConfigError
+from pipeline.handover import accept_dvc_runs, record_for_dvc
 
 try:
     PARAMS = load_params()
@@ -20,6 +21,10 @@ STAGES = build_stages(PARAMS)
 # one; on a CPU-only machine they run side by side, limited by --cores alone. A cluster profile
 # sets `config: {gpus: true}`: its login node has no GPU, its compute nodes do.
 USE_GPU = config.get("gpus", shutil.which("nvidia-smi") is not None)
+# Stages DVC built since the last Snakemake run are touched (their params recorded), not rerun.
+# A hook, like onsuccess: cluster jobs, and the handover's own touch, run with --no-hooks.
+if "--no-hooks" not in sys.argv:
+    accept_dvc_runs({stage.name for stage in STAGES})
 
 
 def _files(paths):
@@ -54,14 +59,18 @@ for stage in STAGES:
             _files(stage.outs),
         params:
             # Evaluated now; `shell:` is evaluated at run time, when `stage` is the loop's last.
-            cmd=stage.cmd,
+            cmd=stage.launched(),
             values=stage.param_values(PARAMS),
         threads: stage.threads
         conda:
             "envs/pipeline.yaml"
         resources:
-            gpu=stage.gpu if USE_GPU else 0,
-            mem_mb=stage.mem_mb,
-            runtime=stage.runtime,
+            **stage.resources(USE_GPU),
         shell:
             "{params.cmd} --threads {threads}"
+
+
+onsuccess:
+    # The stages this run built (or touched) go into dvc.lock, so `dvc repro` knows them too.
+    built = {job.rule.name for job in workflow.dag.needrun_jobs(exclude_finished=False)}
+    record_for_dvc(sorted(built - {"all"}))

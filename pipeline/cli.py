@@ -6,6 +6,7 @@ params through a view restricted to the keys its registry entry declares, and ca
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -876,6 +877,9 @@ def main(argv: list[str] | None = None) -> None:
     if getattr(args, "threads", 1) < 1:
         print("--threads must be >= 1", file=sys.stderr)
         sys.exit(EXIT_CONFIG)
+    if "LOCAL_WORLD_SIZE" in os.environ and hasattr(args, "threads"):
+        # Under torchrun a stage's threads are its node's: its processes share them.
+        args.threads = max(1, args.threads // int(os.environ["LOCAL_WORLD_SIZE"]))
     try:
         args.func(args)
     except ConfigError as err:

@@ -411,6 +411,17 @@ class TablesParams(Section):
     hpkd_table2: BackbonesTable = BackbonesTable(backbones=("r2plus1d",))  # w/o KD, TI, Full
 
 
+class DistributedParams(Section):
+    """Processes per training run (torchrun; pipeline/distributed.py). Every stage that trains
+    runs `processes` processes on each of `nodes` nodes, one GPU each; every batch size in these
+    params stays the global batch (it must split evenly over the processes), so results do not
+    depend on the process count beyond float rounding. nodes > 1 runs only inside a SLURM
+    allocation (`srun`, profiles/slurm)."""
+
+    processes: Annotated[int, Field(ge=1, le=64)] = 1
+    nodes: Annotated[int, Field(ge=1, le=1024)] = 1
+
+
 class Params(Section):
     dataset: str = "synth"  # the video dataset every stage runs on (a key of `datasets`)
     datasets: dict[str, VideoDataset]
@@ -426,6 +437,7 @@ class Params(Section):
     dtg: DTGParams = DTGParams()
     timebalance: TimeBalanceParams = TimeBalanceParams()
     hpkd: HPKDParams = HPKDParams()
+    distributed: DistributedParams = DistributedParams()
     tables: TablesParams = TablesParams()
 
     @model_validator(mode="after")

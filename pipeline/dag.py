@@ -8,7 +8,7 @@ stage. Keeping the DAG static (no Snakemake checkpoints) is what lets DVC mirror
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -34,10 +34,43 @@ class Stage:
     mem_mb: int = 4000  # memory a cluster job asks for
     runtime: int = 30  # minutes a cluster job asks for
     target: bool = False  # part of `snakemake all`, the default target
+    trains: bool = False  # runs the trainer (pipeline/train.py), so it can use several processes
+    processes: int = 1  # training processes per node (params distributed.processes), 1 GPU each
+    nodes: int = 1  # nodes (params distributed.nodes; > 1 only inside a SLURM allocation)
+
+    def launched(self) -> str:
+        """`cmd`, started by torchrun on several processes: standalone on one node; across nodes
+        one torchrun per node (srun, SLURM), meeting at the first node by c10d rendezvous."""
+        if self.processes * self.nodes == 1:
+            return self.cmd
+        module = self.cmd.removeprefix("python ")
+        run = f"python -m torch.distributed.run --nproc-per-node {self.processes}"
+        if self.nodes == 1:
+            return f"{run} --standalone {module}"
+        first = '"$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)"'
+        return (
+            f"srun {run} --nnodes $SLURM_JOB_NUM_NODES --rdzv-id $SLURM_JOB_ID "
+            f"--rdzv-backend c10d --rdzv-endpoint {first}:29500 {module}"
+        )
 
     def command(self) -> str:
         """The command DVC runs; the Snakefile's shell directive builds the same string."""
-        return f"{self.cmd} --threads {self.threads}"
+        return f"{self.launched()} --threads {self.threads}"
+
+    def resources(self, use_gpu: bool) -> dict:
+        """Snakemake resources: what the local scheduler counts and a cluster job asks for. A
+        multi-node job asks SLURM for its GPUs per node and runs its own srun (the plugin's mpi
+        resource)."""
+        resources = {"mem_mb": self.mem_mb, "runtime": self.runtime}
+        if self.nodes == 1:
+            return resources | {"gpu": self.gpu if use_gpu else 0}
+        return resources | {
+            "gpu": 0,
+            "nodes": self.nodes,
+            "tasks": self.nodes,
+            "mpi": "srun",
+            "slurm_extra": f"--gpus-per-node={self.gpu} --ntasks-per-node=1",
+        }
 
     def param_values(self, params: Params) -> str:
         """Declared params' values as canonical JSON: Snakemake reruns a rule when it changes."""
@@ -48,6 +81,7 @@ class Stage:
 # real data: UCF101 pre-training runs for hours on one GPU). Change them here, once; a cluster's
 # partition and account are set in profiles/slurm.
 TRAINING = {"gpu": 1, "mem_mb": 32000, "runtime": 720}
+FIT = {**TRAINING, "trains": True}  # stages that run the trainer: distributed.processes apply
 
 # The caption of each table and figure in `snakemake --report` (report/<name>.rst), by path.
 CAPTIONS = (
@@ -209,6 +243,7 @@ def run_dir(dataset: str, run: str) -> str:
 TRAIN_CODE = (
     "pipeline/finetune.py",
     "pipeline/train.py",
+    "pipeline/distributed.py",
     "pipeline/evaluate.py",
     "pipeline/data/clips.py",
     "pipeline/data/samplers.py",
@@ -235,7 +270,7 @@ def train_stage(dataset: str, run: RunSpec) -> Stage:
         outs=(f"{out}model.pt", f"{out}metrics.json", f"{out}confusion.png"),
         params=tuple(params),
         code=tuple(code),
-        **TRAINING,
+        **FIT,
     )
 
 
@@ -307,6 +342,7 @@ def teacher_stage(params: Params, name: str) -> Stage:
         code += [
             "pipeline/teachers/train_teacher.py",
             "pipeline/train.py",
+            "pipeline/distributed.py",
             "pipeline/models/image.py",
         ]
         if name == "schp":
@@ -328,7 +364,7 @@ def teacher_stage(params: Params, name: str) -> Stage:
         outs=(f"{out}model.pt", f"{out}metrics.json"),
         params=tuple(declared),
         code=tuple(code),
-        **TRAINING,
+        **FIT,
     )
 
 
@@ -612,8 +648,14 @@ def pretrain_stage(params: Params, dataset: str, run: DTGRun) -> Stage:
         deps=tuple(deps),
         outs=tuple(outs),
         params=tuple(declared),
-        code=(*DTG_CODE, "pipeline/pretrain.py", "pipeline/train.py", "pipeline/models/video.py"),
-        **TRAINING,
+        code=(
+            *DTG_CODE,
+            "pipeline/pretrain.py",
+            "pipeline/train.py",
+            "pipeline/distributed.py",
+            "pipeline/models/video.py",
+        ),
+        **FIT,
     )
 
 
@@ -654,7 +696,7 @@ def finetune_stage(params: Params, dataset: str, run: FinetuneRun) -> Stage:
         outs=(f"{out}model.pt", f"{out}metrics.json", f"{out}confusion.png"),
         params=tuple(declared),
         code=tuple(code),
-        **TRAINING,
+        **FIT,
     )
 
 
@@ -882,7 +924,7 @@ def tb_run_stage(dataset: str, run: TBRun) -> Stage:
         outs=(f"{out}model.pt", f"{out}metrics.json", f"{out}confusion.png"),
         params=tuple(declared),
         code=tuple(dict.fromkeys((*TB_CODE, *TRAIN_CODE))),
-        **TRAINING,
+        **FIT,
     )
 
 
@@ -929,8 +971,8 @@ def timebalance_stages(params: Params) -> list[Stage]:
                 deps=(_shards(dataset),),
                 outs=(f"{out}model.pt", f"{out}head.pt", f"{out}metrics.json"),
                 params=("timebalance.backbone", "timebalance.ssl", f"datasets.{dataset}.split"),
-                code=(*TB_CODE, "pipeline/train.py"),
-                **TRAINING,
+                code=(*TB_CODE, "pipeline/train.py", "pipeline/distributed.py"),
+                **FIT,
             )
         )
     stages += [tb_similarity_stage(dataset, pair) for pair in pairs]
@@ -1033,9 +1075,10 @@ def hpkd_stages(params: Params) -> list[Stage]:
                     deps=tuple(deps),
                     outs=tuple(outs),
                     params=(backbone, "hpkd.shared_stages", "hpkd.pretrain", split),
-                    code=(*HPKD_CODE, "pipeline/train.py", "pipeline/teachers/features.py",
-                          "pipeline/teachers/__init__.py", "pipeline/figures.py"),
-                    **TRAINING,
+                    code=(*HPKD_CODE, "pipeline/train.py", "pipeline/distributed.py",
+                          "pipeline/teachers/features.py", "pipeline/teachers/__init__.py",
+                          "pipeline/figures.py"),
+                    **FIT,
                 )  # fmt: skip
             out = run_dir(dataset, run.name)
             stages.setdefault(run.name, Stage(
@@ -1046,7 +1089,7 @@ def hpkd_stages(params: Params) -> list[Stage]:
                 params=(backbone, "hpkd.shared_stages", "hpkd.labeled_percent", "hpkd.clips",
                         "hpkd.finetune", split),
                 code=TRAIN_CODE,
-                **TRAINING,
+                **FIT,
             ))  # fmt: skip
     for table, rows in tables.items():
         stages[table] = Stage(
@@ -1061,9 +1104,26 @@ def hpkd_stages(params: Params) -> list[Stage]:
     return list(stages.values())
 
 
+def distribute(stage: Stage, distributed) -> Stage:
+    """A training stage on `distributed.processes` processes per node, each with a GPU, a CPU and
+    TRAINING's memory (the processes share the params' global batch: pipeline/distributed.py)."""
+    processes, nodes = distributed.processes, distributed.nodes
+    if not stage.trains or processes * nodes == 1:
+        return stage
+    return replace(
+        stage,
+        processes=processes,
+        nodes=nodes,
+        gpu=stage.gpu * processes,
+        threads=stage.threads * processes,
+        mem_mb=stage.mem_mb * processes,
+    )
+
+
 def build_stages(params: Params) -> list[Stage]:
     stages = data_stages(params) + selfkd_stages(params) + teacher_stages(params)
     stages += dtg_stages(params) + timebalance_stages(params) + hpkd_stages(params)
+    stages = [distribute(stage, params.distributed) for stage in stages]
     names = [stage.name for stage in stages]
     duplicates = {name for name in names if names.count(name) > 1}
     if duplicates:

@@ -28,7 +28,10 @@ def lock_path(output: str | os.PathLike) -> Path:
 @contextlib.contextmanager
 def hold(output: str | os.PathLike):
     """Run the body as the only holder of `output` (a stage's output folder); DataError at once
-    if another process holds it."""
+    if another process holds it. Under torchrun the run's rank 0 holds it for all its ranks."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        yield
+        return
     folder = Path(output)
     path = lock_path(folder)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,9 +15,10 @@ result equals an uninterrupted run; a different key starts fresh and deletes the
 A finished run deletes its checkpoints: only a killed run resumes.
 
 Distributed (torchrun, WORLD_SIZE > 1): fit joins the process group (nccl on CUDA, gloo on CPU),
-wraps the whole method in DistributedDataParallel, and only rank 0 writes files. The train loader
-must shard by rank (a DistributedSampler, as `make_loader` builds); the val loader is evaluated in
-full on every rank, so hooks such as a teacher refresh make the same decision everywhere.
+synchronises batch norm, wraps the whole method in DistributedDataParallel, and only rank 0 writes
+files. The train loader must shard by rank (`make_loader` splits the global batch into equal,
+interleaved shares: pipeline/distributed.py); the val loader is evaluated in full on every rank,
+so hooks such as a teacher refresh make the same decision everywhere.
 """
 
 import hashlib
@@ -40,7 +41,6 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import (
     DataLoader,
     Dataset,
-    DistributedSampler,
     RandomSampler,
     Sampler,
     SequentialSampler,
@@ -48,6 +48,7 @@ from torch.utils.data import (
 from tqdm.auto import tqdm
 
 from pipeline.data.clips import prepare_video
+from pipeline.distributed import distributed_env, rank_shard, synchronise_batch_norm
 from pipeline.errors import DataError
 from pipeline.evaluate import evaluate
 from pipeline.io import atomic_path, write_json_atomic
@@ -282,14 +283,6 @@ def _build_optimizer(parameters, spec: TrainSpec) -> torch.optim.Optimizer:
 # ---------------------------------------------------------------- devices, distributed, loaders
 
 
-def _distributed_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) otherwise."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, 0
-    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
-
-
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but torch sees no CUDA device")
@@ -310,26 +303,24 @@ def make_loader(
     distributed: bool = True,
 ) -> DataLoader:
     """A reproducible DataLoader: seeded generator and workers, pinned memory on CUDA, and under
-    torchrun (with `distributed`) a DistributedSampler giving each rank its share (fit calls
-    set_epoch on it). Validation loaders pass distributed=False: fit evaluates the whole set on
-    every rank.
+    torchrun (with `distributed`) each rank's share of the global `batch_size`
+    (pipeline.distributed.rank_shard). Validation loaders pass distributed=False: fit evaluates
+    the whole set on every rank.
 
     Workers persist across epochs when the dataset takes (epoch, position) keys (it declares
     `epoch_keys = True`, as ClipDataset does): the sampler then tags each index with the epoch, so
     no set_epoch needs to reach the workers, and no epoch pays for starting them again. Other
     datasets get workers started per epoch, so that their set_epoch reaches them."""
-    rank, world, local_rank = _distributed_env()
+    _, _, local_rank = distributed_env()
     generator = torch.Generator().manual_seed(seed)
-    if world > 1 and distributed:
-        sampler = DistributedSampler(
-            dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
-        )
-    elif shuffle:
+    if shuffle:
         # Its own generator: a persistent-worker loader draws from the loader's generator only
         # once (worker seeds), a per-epoch one every epoch, and the order must not depend on that.
         sampler = RandomSampler(dataset, generator=torch.Generator().manual_seed(seed))
     else:
         sampler = SequentialSampler(dataset)
+    if distributed:
+        sampler, batch_size = rank_shard(sampler, len(dataset), batch_size, drop_last)
     persistent = num_workers > 0 and getattr(dataset, "epoch_keys", False)
     return DataLoader(
         dataset,
@@ -392,15 +383,14 @@ def _shards_by_rank(loader, world: int) -> bool:
 
 
 def _loader_parts(loader) -> list:
-    """The loader's dataset and samplers: the objects that may define set_epoch / num_replicas."""
-    batch_sampler = getattr(loader, "batch_sampler", None)
-    parts = [
-        getattr(loader, "dataset", None),
-        getattr(loader, "sampler", None),
-        batch_sampler,
-        getattr(batch_sampler, "sampler", None),
-    ]
-    return [p for p in parts if p is not None]
+    """The loader's dataset and samplers, down every chain of wrapped samplers: the objects that
+    may define set_epoch, a generator or num_replicas."""
+    parts = [getattr(loader, "dataset", None)]
+    for sampler in (getattr(loader, "batch_sampler", None), getattr(loader, "sampler", None)):
+        while sampler is not None and all(sampler is not part for part in parts):
+            parts.append(sampler)
+            sampler = getattr(sampler, "sampler", None)
+    return [part for part in parts if part is not None]
 
 
 def start_epoch(loader, seed: int, epoch: int) -> None:
@@ -646,11 +636,11 @@ def fit(
     """
     run_dir = Path(run_dir)
     ckpt_dir = run_dir / "checkpoints"
-    rank, world, local_rank = _distributed_env()
+    rank, world, local_rank = distributed_env()
     if world > 1 and not _shards_by_rank(train_loader, world):
         raise ValueError(
             f"WORLD_SIZE={world} but the train loader does not shard by rank: build it with "
-            "pipeline.train.make_loader or give it a DistributedSampler"
+            "pipeline.train.make_loader"
         )
     if world > 1 and val_loader is not None and _shards_by_rank(val_loader, world):
         raise ValueError(
@@ -678,6 +668,8 @@ def _fit(method, train_loader, val_loader, run_dir, ckpt_dir, params, spec, rank
     main = rank == 0
     key = run_key(params, spec)
     resume_from = _agree_on_resume(run_dir, ckpt_dir, key, params, main, world)
+    if world > 1:
+        method = synchronise_batch_norm(method, device)
     method.to(device)
     video_format = _memory_format(method, spec, device)
     optimizer = _build_optimizer([p for p in method.parameters() if p.requires_grad], spec)

@@ -400,7 +400,7 @@ def test_ddp_two_processes_on_gloo(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["world_size"] == 2
-    assert (metrics["batch_size"], metrics["global_batch_size"]) == (8, 16)
+    assert (metrics["batch_size"], metrics["global_batch_size"]) == (4, 8)  # 8 split over 2
     assert metrics["val"]["num_videos"] == 12  # every rank validates on the whole set
     rank0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     rank1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
