@@ -725,6 +725,14 @@ def cmd_bench(args) -> None:
         from pipeline.bench.models import bench_models
 
         bench_models()
+    elif args.what == "gpu":
+        from pipeline.bench.gpu import bench_gpu
+
+        bench_gpu(steps=args.steps, cpu_steps=args.cpu_steps, threads=args.threads)
+    elif args.what == "features" and args.real_size:
+        from pipeline.bench.features import bench_features_real_size
+
+        bench_features_real_size(steps=args.steps, cpu_steps=args.cpu_steps, threads=args.threads)
     elif args.what == "features":
         from pipeline.bench.features import run
         from pipeline.dag import ALL_TEACHERS, features_dir, teacher_dir
@@ -863,10 +871,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("bench", help="print speed figures side by side with the alternative")
-    p.add_argument("what", choices=["data", "models", "train", "features"])
+    p.add_argument("what", choices=["data", "models", "train", "features", "gpu"])
     p.add_argument("--clips", type=int, default=200, help="clips to read (bench data)")
-    p.add_argument("--steps", type=int, default=40, help="timed steps (bench train, features)")
+    p.add_argument(
+        "--steps", type=int, default=40, help="timed steps (bench train, features; on the GPU: gpu)"
+    )
+    p.add_argument(
+        "--cpu-steps", type=int, default=2, help="timed CPU steps (bench gpu, features --real-size)"
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (bench train)")
+    p.add_argument(
+        "--real-size",
+        action="store_true",
+        help="bench features with R3D-18 and ResNet-50 teachers at 224 px on synthetic clips",
+    )
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -14,17 +14,23 @@ must give what the teachers compute (float16 storage: about 1e-3 relative).
 
 Goal: the cache makes a training epoch at least GOAL_SPEEDUP times faster. The table also gives
 each cache's size per 1,000 frames (cache.json "bytes" / "frames").
+
+`--real-size` (bench_features_real_size) makes the same comparison where the teachers cost what
+real ones do, with nothing on disk: R3D-18 at torchvision's size, ResNet-50 teachers (random
+weights) at 224 px, synthetic batches in memory (no shard or cache reads on either side), on the
+CPU and, where CUDA is, on the GPU.
 """
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.bench import WARMUP_STEPS, epochs_of_batches, sgd_clips_per_second
+from pipeline.bench import WARMUP_STEPS, epochs_of_batches, gpu, sgd_clips_per_second
+from pipeline.dag import ALL_TEACHERS
 from pipeline.data.clips import select_rows
 from pipeline.data.guided import GuidedClipDataset
 from pipeline.data.shards import read_manifest
@@ -201,8 +207,24 @@ def guidance_difference(cached_loader, decoded_loader, teachers) -> float:
     return worst
 
 
-def format_table(result: dict, shard_dir: Path) -> str:
+def speed_lines(result: dict, online: str, indent: str) -> list[str]:
+    """The cache runs around the `online` run in clips/s, then the speed-up against the goal."""
+    rows = [
+        ("guidance from the feature cache", result["cache_runs_clips_per_s"][0]),
+        (online, result["online_clips_per_s"]),
+        ("guidance from the feature cache", result["cache_runs_clips_per_s"][1]),
+    ]
+    width = max(len(what) for what, _ in rows)
+    lines = [f"{indent}{what:<{width}}  {rate:>9,.2f} clips/s" for what, rate in rows]
     verdict = "met" if result["goal_met"] else "NOT met"
+    lines.append(
+        f"{indent}cache speed-up {result['speedup']:.1f}x (mean of the cache runs): goal "
+        f">= {GOAL_SPEEDUP:g}x {verdict}"
+    )
+    return lines
+
+
+def format_table(result: dict, shard_dir: Path) -> str:
     lines = [
         f"bench features: DTG-Net, {result['model']} student on {shard_dir}, teachers "
         f"{', '.join(result['teachers'])}; clips {result['clip']} (guidance {result['guidance']}), "
@@ -211,18 +233,7 @@ def format_table(result: dict, shard_dir: Path) -> str:
         f"warm-up ({result['train_videos']} train videos = {result['batches_per_epoch']} "
         "batches per epoch)",
     ]
-    rows = [
-        ("guidance from the feature cache", result["cache_runs_clips_per_s"][0]),
-        ("guidance frames decoded + teachers online", result["online_clips_per_s"]),
-        ("guidance from the feature cache", result["cache_runs_clips_per_s"][1]),
-    ]
-    width = max(len(what) for what, _ in rows)
-    for what, rate in rows:
-        lines.append(f"  {what:<{width}}  {rate:>8,.1f} clips/s")
-    lines.append(
-        f"  cache speed-up {result['speedup']:.1f}x (mean of the cache runs): goal "
-        f">= {GOAL_SPEEDUP:g}x {verdict}"
-    )
+    lines += speed_lines(result, "guidance frames decoded + teachers online", "  ")
     lines.append(
         "  cached vs online guidance, first batch: max relative difference "
         f"{result['guidance_max_relative_difference']:.1e}"
@@ -263,3 +274,78 @@ def run(
         },
         **bench_args,
     )
+
+
+def real_size_rates(budget: gpu.Budget, teachers: tuple[str, ...]) -> dict:
+    """Clips/s of DTG training at real size on budget.device with cached guidance (before and
+    after) and with `teachers` (ResNet-50s) run online on each clip's guidance frames."""
+    frozen = {name: gpu.resnet50_teacher(name).to(budget.device) for name in teachers}
+
+    def embed(frames: torch.Tensor) -> dict[str, torch.Tensor]:
+        return embed_online(frames, frozen, budget.device)
+
+    cache_rates = [gpu.dtg_clips_per_second(budget, teachers)]
+    online_rate = gpu.dtg_clips_per_second(budget, teachers, embed)
+    cache_rates.append(gpu.dtg_clips_per_second(budget, teachers))
+    cache_rate = sum(cache_rates) / len(cache_rates)
+    speedup = cache_rate / online_rate
+    return {
+        "batch_size": budget.clips,
+        "steps": budget.steps,
+        "warmup": budget.warmup,
+        "cache_runs_clips_per_s": cache_rates,
+        "cache_clips_per_s": cache_rate,
+        "online_clips_per_s": online_rate,
+        "speedup": speedup,
+        "goal_met": speedup >= GOAL_SPEEDUP,
+    }
+
+
+def bench_features_real_size(
+    *, steps: int, cpu_steps: int, threads: int, teachers: Sequence[str] = ALL_TEACHERS
+) -> dict:
+    """`bench features --real-size`: the same comparison at real size, with nothing on disk.
+
+    The student is R3D-18 at torchvision's size on 16 x 112 x 112 clips, each teacher a ResNet-50
+    with random weights at 224 px on the clip's 16 guidance frames (guidance "seq", 128 x 170 as
+    UCF101's frames at ingest.short_side 128); clips, frames and cached embeddings are synthetic
+    batches in memory (pipeline.bench.gpu.dtg_clips_per_second). Runs on the CPU (`cpu_steps`
+    timed steps) and, where CUDA is, on the GPU (`steps`). Prints a table, returns the figures per
+    device ("cuda": gpu.NO_CUDA without one).
+    """
+    teachers = tuple(teachers)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = {
+            device: gpu.NO_CUDA if budget is None else real_size_rates(budget, teachers)
+            for device, budget in gpu.budgets(steps, cpu_steps).items()
+        }
+    finally:
+        torch.set_num_threads(threads_before)
+    print(format_real_size(result, teachers, threads))
+    return result
+
+
+def format_real_size(result: dict, teachers: tuple[str, ...], threads: int) -> str:
+    frames, crop, (height, width) = gpu.FRAMES, gpu.CROP, gpu.FRAME_SIZE
+    lines = [
+        f"bench features --real-size: DTG-Net, R3D-18 student (width 64, layers 2-2-2-2) on "
+        f"{frames}x{crop}x{crop} clips; teachers {', '.join(teachers)}, each a "
+        f"ResNet-50 (random weights) at 224 px on the {frames} guidance frames ({height}x{width}) "
+        "of each clip",
+        "  synthetic batches in memory: neither side reads shards or caches (training online "
+        f"would also decode {frames} guidance frames a clip); forward + backward + SGD step, fp32",
+    ]
+    for device, name in gpu.DEVICE_NAMES.items():
+        figures = result[device]
+        if isinstance(figures, str):
+            lines.append(f"  {name}: {figures}")
+            continue
+        where = f"{threads} threads" if device == "cpu" else torch.cuda.get_device_name()
+        lines.append(
+            f"  {name} ({where}): batch {figures['batch_size']}, {figures['steps']} timed steps "
+            f"after {figures['warmup']} warm-up"
+        )
+        lines += speed_lines(figures, "guidance frames + teachers online", "    ")
+    return "\n".join(lines)
