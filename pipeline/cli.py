@@ -87,6 +87,9 @@ def _input_key(path: Path) -> str:
 
 
 def cmd_synth(args) -> None:
+    if args.world == "hmdb51":
+        _synth_hmdb(args)
+        return
     params = _declared("synth")
     from pipeline.data import synth
 
@@ -98,6 +101,33 @@ def cmd_synth(args) -> None:
     raw = Path(params.datasets.synth.raw)
     summary = synth.generate_world(raw, spec, workers=args.threads)
     synth.write_sample_figure(raw, Path("results/figures/synth_samples.png"), spec)
+    print(f"synth: {summary}")
+
+
+SYNTH_HMDB_KEYS = ("synth_hmdb", "datasets.synth_hmdb")
+
+
+def _synth_hmdb(args) -> None:
+    """The second world (HMDB51 layout) into datasets.synth_hmdb.raw, and its sample figure,
+    reading only SYNTH_HMDB_KEYS (the keys its stage will declare when the DAG gets one)."""
+    from pipeline.data import synth
+
+    params = DeclaredParams(load_params(), SYNTH_HMDB_KEYS)
+
+    try:
+        source = params.datasets.synth_hmdb
+    except AttributeError:
+        raise ConfigError("params: datasets.synth_hmdb: missing (the second world)") from None
+    if source.format != "hmdb51":
+        raise ConfigError("params: datasets.synth_hmdb.format: the second world is hmdb51")
+    fields = params.synth_hmdb.model_dump(exclude_none=True)
+    try:
+        spec = synth.HmdbWorldSpec(**fields)
+    except ValueError as err:
+        raise ConfigError(f"params: synth_hmdb: {err}") from None
+    raw = Path(source.raw)
+    summary = synth.generate_hmdb_world(raw, spec, workers=args.threads)
+    synth.write_hmdb_sample_figure(raw, Path("results/figures/synth_hmdb_samples.png"), spec)
     print(f"synth: {summary}")
 
 
@@ -784,7 +814,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
         return p
 
-    stage("synth", cmd_synth, "generate the synthetic action world")
+    p = stage("synth", cmd_synth, "generate the synthetic action world")
+    p.add_argument(
+        "--world",
+        choices=["ucf101", "hmdb51"],
+        default="ucf101",
+        help="ucf101: the first world (params `synth`); hmdb51: the second (`synth_hmdb`)",
+    )
     stage("ingest", cmd_ingest, "decode a video dataset into HDF5 shards", dataset=True)
     stage("data-report", cmd_data_report, "summarise a dataset's shards", dataset=True)
 
@@ -879,7 +915,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--cpu-steps", type=int, default=2, help="timed CPU steps (bench gpu, features --real-size)"
     )
-    p.add_argument("--threads", type=int, default=1, help="torch threads (bench train)")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch threads (bench train, features, gpu)"
+    )
     p.add_argument(
         "--real-size",
         action="store_true",

@@ -34,32 +34,17 @@ class VideoDataset(Section):
     split: Annotated[int, Field(ge=1, le=3)] = 1  # official split used for train/test
 
 
-class SynthParams(Section):
-    """The embedded synthetic action world; mirrors pipeline.data.synth.WorldSpec (which also
-    checks cross-field rules, reported under `synth`)."""
+class RenderParams(Section):
+    """What both synthetic worlds draw alike: frames, actors, camera and noise (the renderer's
+    knobs, pipeline/data/render.py)."""
 
     seed: NonNegInt = 0
     frame_height: Annotated[int, Field(ge=16, le=1024, multiple_of=2)] = 48
     frame_width: Annotated[int, Field(ge=16, le=1024, multiple_of=2)] = 64
     num_frames: Annotated[int, Field(ge=8, le=1000)] = 32
     fps: Annotated[int, Field(ge=1, le=120)] = 25
-    classes: tuple[str, ...] | None = None  # None: every action the renderer knows
-    groups_per_class: Annotated[int, Field(ge=2, le=99)] = 25
+    classes: tuple[str, ...] | None = None  # None: every action of the world
     clips_per_group: Annotated[int, Field(ge=1, le=99)] = 5
-    test_groups: PosInt = 7
-    crf: Annotated[int, Field(ge=0, le=51)] = 20
-    write_video_masks: bool = False
-    image_size: Annotated[int, Field(ge=16, le=512)] = 48
-    objects_train_per_class: PosInt = 400
-    objects_val_per_class: PosInt = 50
-    scenes_train_per_class: PosInt = 300
-    scenes_val_per_class: PosInt = 50
-    scene_person_prob: Fraction = 0.5
-    bu101_per_class: PosInt = 120
-    stanford40_train_per_class: PosInt = 40
-    stanford40_test_per_class: PosInt = 20
-    parsing_train: PosInt = 1200
-    parsing_val: PosInt = 200
     noise_std: Annotated[float, Field(ge=0.0, le=128.0)] = 6.0
     camera_jitter_px: Annotated[float, Field(ge=0.0)] = 0.7
     camera_pan: Annotated[float, Field(ge=0.0)] = 0.2
@@ -74,6 +59,40 @@ class SynthParams(Section):
     object_correlation: Fraction = 0.5
     no_object_prob: Fraction = 0.2
     texture_contrast: Fraction = 1.0  # scene texture strength: 0 flat two-colour scenes
+
+
+class SynthParams(RenderParams):
+    """The embedded synthetic action world; mirrors pipeline.data.synth.WorldSpec (which also
+    checks cross-field rules, reported under `synth`)."""
+
+    groups_per_class: Annotated[int, Field(ge=2, le=99)] = 25
+    test_groups: PosInt = 7
+    crf: Annotated[int, Field(ge=0, le=51)] = 20
+    write_video_masks: bool = False
+    image_size: Annotated[int, Field(ge=16, le=512)] = 48
+    objects_train_per_class: PosInt = 400
+    objects_val_per_class: PosInt = 50
+    scenes_train_per_class: PosInt = 300
+    scenes_val_per_class: PosInt = 50
+    scene_person_prob: Fraction = 0.5
+    bu101_per_class: PosInt = 120
+    stanford40_train_per_class: PosInt = 40
+    stanford40_test_per_class: PosInt = 20
+    parsing_train: PosInt = 1200
+    parsing_val: PosInt = 200
+
+
+class SynthHMDBParams(RenderParams):
+    """The second synthetic world, in HMDB51's layout (videos only: teachers train on the first
+    world's images); mirrors pipeline.data.synth.HmdbWorldSpec, which also checks cross-field
+    rules (reported under `synth_hmdb`). Its class set, group counts, codec and lists are its
+    own; `classes` None: all 8 (synth.HMDB_CLASSES)."""
+
+    # HMDB51 is the smaller dataset: 14 source videos (groups) per class against `synth`'s 25
+    groups_per_class: Annotated[int, Field(ge=2, le=99)] = 14
+    test_groups: PosInt = 4  # per class and split, tagged 2 (test): 70/30 train/test, as HMDB51
+    unused_groups: NonNegInt = 1  # per class and split, tagged 0, as HMDB51's surplus clips
+    qscale: Annotated[int, Field(ge=1, le=31)] = 5  # MPEG-4 part 2 quantiser (2 best .. 31)
 
 
 class IngestParams(Section):
@@ -426,6 +445,7 @@ class Params(Section):
     dataset: str = "synth"  # the video dataset every stage runs on (a key of `datasets`)
     datasets: dict[str, VideoDataset]
     synth: SynthParams = SynthParams()
+    synth_hmdb: SynthHMDBParams = SynthHMDBParams()  # `python -m pipeline synth --world hmdb51`
     ingest: IngestParams = IngestParams()
     clips: ClipParams = ClipParams()
     model: ModelParams = ModelParams()

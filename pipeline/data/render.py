@@ -246,6 +246,60 @@ STILL_ACTIONS = {
 POSES = VIDEO_ACTIONS | STILL_ACTIONS
 
 
+def _point_at(p):
+    # Points at something and lowers the arm again, once a cycle: the straight arm rises to the
+    # horizontal (the still `pointing` pose), stays there a moment, and drops.
+    up = np.clip(1.5 * _up01(p) - 0.25, 0.0, 1.0)
+    return {"ua_R": 8 + 84 * up, "la_R": 4 - 4 * up}
+
+
+def _stretch_arms(p):
+    # A warm-up stretch, once a cycle: both straight arms rise sideways to the horizontal (the
+    # still `stretching_arms` pose), then swing forwards towards the camera (foreshortened) and
+    # back, feet a little apart.
+    reach = _up01(p)
+    side = np.clip(2 * reach, 0.0, 1.0)
+    forwards = np.clip(2 * reach - 1, 0.0, 1.0)
+    pose = {}
+    for s in "LR":
+        pose |= {
+            f"ua_{s}": 8 + 84 * side,
+            f"la_{s}": 4 - 4 * side,
+            f"fs_ua_{s}": 1 - 0.7 * forwards,
+            f"fs_la_{s}": 1 - 0.7 * forwards,
+            f"ul_{s}": 3 + 5 * side,
+        }
+    return pose
+
+
+def _balance(p):
+    # Standing on one leg: the knee comes up towards the camera and out, the foot tucked in
+    # towards the standing knee (the still `standing_on_one_leg` pose, held higher), and stays up
+    # for most of a cycle while the arms, held out, wobble for balance.
+    lift = np.clip(2.5 * _up01(p) - 0.5, 0.0, 1.0)
+    wobble = lift * np.sin(3 * TAU * p)
+    return {
+        "ul_R": 3 + 27 * lift,
+        "fs_ul_R": 1 - 0.55 * lift,
+        "ll_R": -1 - 60 * lift,
+        "ua_L": 8 + 40 * lift + 12 * wobble,
+        "ua_R": 8 + 40 * lift - 12 * wobble,
+    }
+
+
+# Video actions that only the second synthetic world (HMDB51 layout, pipeline.data.synth) shows:
+# the still-image poses above set in motion. A table of its own so that VIDEO_ACTIONS, POSES and
+# with them every file of the first world stay as they were. Their preferred scenes and objects
+# are ones that the second world's five other classes (the first world's) do not prefer.
+EXTRA_VIDEO_ACTIONS = {
+    "Balance": Action(_balance, cycles=1.0, mirror=True, scene="snowfield", obj="ring"),
+    "PointAt": Action(_point_at, cycles=1.5, mirror=True, scene="street", obj="stick"),
+    "StretchArms": Action(_stretch_arms, cycles=1.0, scene="bedroom", obj="dumbbell"),
+}
+# Every action a Clip may name (POSES alone is what the first world draws from).
+ALL_ACTIONS = POSES | EXTRA_VIDEO_ACTIONS
+
+
 # ---------------------------------------------------------------------------------------------
 # Scenes (a Places analogue) and held objects (an ImageNet analogue).
 
@@ -419,7 +473,7 @@ class Look:
 class Clip:
     """One rendering: an action performed with a look, timing, placement and camera."""
 
-    action: str  # key of POSES
+    action: str  # key of ALL_ACTIONS
     look: Look
     person: bool = True  # False renders the scene alone
     phase0: float = 0.0  # cyclic actions: phase at the clip's start
@@ -464,7 +518,7 @@ def mirror_pose(pose: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def action_pose(clip: Clip, times: np.ndarray) -> dict[str, np.ndarray]:
     """Joint angles, foreshortening and lift per frame; `times` are clip times in [0, 1)."""
-    action = POSES[clip.action]
+    action = ALL_ACTIONS[clip.action]
     if action.cyclic:
         p = clip.phase0 + action.cycles * clip.speed * times
     else:
@@ -539,7 +593,7 @@ def world_joints(clip: Clip, times: np.ndarray) -> dict[str, np.ndarray]:
     joints = skeleton(pose)
     lowest = np.minimum(joints["ankle_L"][:, 1], joints["ankle_R"][:, 1]) - LEG_RADIUS
     size = clip.look.body_size
-    travel = POSES[clip.action].travel
+    travel = ALL_ACTIONS[clip.action].travel
     root_x = clip.x_mid + travel * clip.walk_dist * clip.speed * (times - 0.5)
     root_y = clip.ground + size * (pose["lift"] - lowest)
     root = np.stack([root_x, root_y], -1)

@@ -20,6 +20,11 @@ SPLIT_NUMBERS = (1, 2, 3)
 UCF_LIST_LINE = re.compile(r"^(.*?)(?:\s+\d+)?$")
 UCF_NAME = re.compile(r"^v_.+_(g\d+)_c\d+$", re.IGNORECASE)
 HMDB_SPLIT_FILE = re.compile(r"^(.+)_test_split(\d)\.txt$", re.IGNORECASE)
+# HMDB51 names a clip <source video title>_<class>_<visible body part>_<camera motion>_<people>_
+# <viewpoint>_<quality>_<clip number in that video>: the group is everything before the meta tags.
+HMDB_NAME = re.compile(
+    r"^(.+)_[fhul]_(?:cm|nm)_np\d+_(?:fr|ba|le|ri)_(?:bad|med|goo)_\d+$", re.IGNORECASE
+)
 HMDB_TAGS = {"0": "", "1": "train", "2": "test"}
 
 
@@ -104,7 +109,7 @@ def read_hmdb51(raw_dir: Path) -> tuple[pd.DataFrame, list[Rejection]]:
     def label_name_of(disk_path: str) -> str:
         return PurePosixPath(disk_path).parts[0]
 
-    return listing.frame(disk, label_name_of, class_names, group_of=lambda video_id: video_id)
+    return listing.frame(disk, label_name_of, class_names, group_of=_hmdb_group)
 
 
 def labeled_subsets(
@@ -212,6 +217,14 @@ def _lines(path: Path) -> list[tuple[int, str]]:
 def _ucf_group(video_id: str) -> str:
     match = UCF_NAME.match(video_id)
     return match.group(1).lower() if match else video_id
+
+
+def _hmdb_group(video_id: str) -> str:
+    """The source video of an HMDB51 clip (`<title>_<class>`): its clips share actor and scene,
+    and HMDB51's splits keep them on one side, so the validation carve must too. A name without
+    HMDB51's meta tags is its own group."""
+    match = HMDB_NAME.match(video_id)
+    return match.group(1) if match else video_id
 
 
 class _DiskIndex:

@@ -9,6 +9,10 @@ parsing ~ SCHP/LIP with Pascal-Person-Part labels) carry information that helps.
 groups (gXX) sharing actor appearance, scene and object, as in UCF101, and split 1 puts whole
 groups in the test list.
 
+A second, smaller world (`generate_hmdb_world`, `HmdbWorldSpec`) is drawn the same way in the
+HMDB51 layout: 8 classes, five of them the first world's actions and three that its videos never
+show, MPEG-4 part 2 .avi files named as HMDB51 names its clips, and three official-style splits.
+
 Every random choice comes from `np.random.default_rng([seed, stream, *keys])`, one stream per
 dataset and one key per item, so the world does not depend on the number of workers or the order
 in which they finish. Drawing lives in pipeline.data.render.
@@ -33,6 +37,7 @@ from tqdm.auto import tqdm
 
 from pipeline.data import render
 from pipeline.data.render import (
+    ALL_ACTIONS,
     HAIR_COLORS,
     OBJECT_COLORS,
     OBJECT_NAMES,
@@ -83,6 +88,12 @@ _STREAMS = {
     "stanford40": 6,
     "parsing": 7,
     "splits": 8,
+    # The second world (HMDB51 layout): streams of its own, so that its videos are not the
+    # first world's under other names.
+    "hmdb_group": 9,
+    "hmdb_clip": 10,
+    "hmdb_title": 11,
+    "hmdb_splits": 12,
 }
 
 
@@ -154,7 +165,96 @@ class WorldSpec:
         return sorted(self.classes)
 
 
-def _rng(spec: WorldSpec, stream: str, *keys: int) -> np.random.Generator:
+# The second world's classes: HMDB51 class folder -> the action it shows (render.ALL_ACTIONS).
+# clap, jump, kick, sit and wave are HMDB51's own names for five of the first world's actions (its
+# Clap, Jump, Kick, SitDown, Wave, with the same preferred scene and object); balance, point and
+# stretch_arms are actions the first world's videos never show (its Stanford40-style still images
+# do: standing_on_one_leg, pointing, stretching_arms), in render.EXTRA_VIDEO_ACTIONS.
+HMDB_CLASSES = {
+    "balance": "Balance",
+    "clap": "Clap",
+    "jump": "Jump",
+    "kick": "Kick",
+    "point": "PointAt",
+    "sit": "SitDown",
+    "stretch_arms": "StretchArms",
+    "wave": "Wave",
+}
+HMDB_CLASS_NAMES = tuple(HMDB_CLASSES)
+HMDB_SPLITS = (1, 2, 3)
+
+
+@dataclass(frozen=True)
+class HmdbWorldSpec:
+    """Every knob of the second world (HMDB51 layout, videos only: the teachers' still images are
+    the first world's). Knobs named as in WorldSpec mean the same, with the same defaults: the
+    same renderer, frame size, noise and camera model; what differs is the class set, fewer groups
+    per class (HMDB51 is the smaller dataset), the container and codec, the names and the lists."""
+
+    seed: int = 0  # root of every random stream (streams of its own: not the first world's videos)
+    frame_height: int = 48  # as WorldSpec
+    frame_width: int = 64  # as WorldSpec (decord misreads widths 16/24/48/72)
+    num_frames: int = 32
+    fps: int = 25
+    classes: tuple[str, ...] = HMDB_CLASS_NAMES  # a subset of HMDB_CLASS_NAMES
+    # Groups are HMDB51's source videos: the clips of one share actor, scene and held object (the
+    # title in their names); 14 x 5 = 70 clips per class against the first world's 25 x 5.
+    groups_per_class: int = 14
+    clips_per_group: int = 5
+    # Per class and split, whole groups tagged 2 (test) and 0 (unused, as HMDB51's clips beyond
+    # its 70 train + 30 test per class); the rest are tagged 1 (train): 45 / 20 / 5 clips.
+    test_groups: int = 4
+    unused_groups: int = 1  # at most test_groups: then every group is train or test in some split
+    # MPEG-4 part 2 quantiser (2 best .. 31): at 5 the decoded frames differ from the rendered ones
+    # by 8.6 grey levels on average, the first world's x264 at crf 20 by 8.4 (8 videos, measured).
+    qscale: int = 5
+    texture_contrast: float = 1.0
+    noise_std: float = 6.0
+    camera_jitter_px: float = 0.7
+    camera_pan: float = 0.2
+    zoom_range: float = 0.2
+    speed_range: float = 1.5
+    amplitude_var: float = 0.25
+    appearance_var: float = 0.5
+    person_height: float = 0.75
+    body_size_var: float = 0.15
+    brightness_var: float = 0.2
+    scene_correlation: float = 0.3
+    object_correlation: float = 0.5
+    no_object_prob: float = 0.2
+
+    def __post_init__(self):
+        unknown = sorted(set(self.classes) - set(HMDB_CLASS_NAMES))
+        if unknown or len(set(self.classes)) != len(self.classes) or not self.classes:
+            raise ValueError(
+                f"classes must be distinct names from {HMDB_CLASS_NAMES}, got {self.classes}"
+            )
+        if self.frame_height % 2 or self.frame_width % 2:
+            raise ValueError("frame_height and frame_width must be even (yuv420p)")
+        if not 0 <= self.unused_groups <= self.test_groups:
+            raise ValueError("need 0 <= unused_groups <= test_groups")
+        if self.test_groups < 1 or not (
+            self.test_groups + self.unused_groups < self.groups_per_class <= 99
+        ):
+            raise ValueError(
+                "need 1 <= test_groups and test_groups + unused_groups < groups_per_class <= 99 "
+                "(at least one train group per split)"
+            )
+        if not 1 <= self.clips_per_group <= 99:
+            raise ValueError("clips_per_group must be in 1..99")
+        if not 1 <= self.qscale <= 31:
+            raise ValueError("qscale must be in 1..31 (MPEG-4 part 2 quantiser)")
+        for name in ("scene_correlation", "object_correlation", "no_object_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1]")
+
+    @property
+    def class_names(self) -> list[str]:
+        """Video classes in label order (HMDB51's reader sorts the class folders)."""
+        return sorted(self.classes)
+
+
+def _rng(spec: WorldSpec | HmdbWorldSpec, stream: str, *keys: int) -> np.random.Generator:
     return np.random.default_rng([spec.seed, _STREAMS[stream], *keys])
 
 
@@ -164,7 +264,7 @@ def _rng(spec: WorldSpec, stream: str, *keys: int) -> np.random.Generator:
 
 def sample_look(
     rng: np.random.Generator,
-    spec: WorldSpec,
+    spec: WorldSpec | HmdbWorldSpec,
     *,
     scene: str,
     scene_correlation: float,
@@ -214,7 +314,9 @@ def sample_look(
     )
 
 
-def sample_clip(rng: np.random.Generator, spec: WorldSpec, action: str, look: Look) -> Clip:
+def sample_clip(
+    rng: np.random.Generator, spec: WorldSpec | HmdbWorldSpec, action: str, look: Look
+) -> Clip:
     """Timing, placement, camera and lighting of one rendering of `action` with `look`."""
     log_speed, log_zoom = np.log(spec.speed_range), np.log(1 + spec.zoom_range)
     return Clip(
@@ -224,7 +326,7 @@ def sample_clip(rng: np.random.Generator, spec: WorldSpec, action: str, look: Lo
         mid=float(rng.uniform(0.35, 0.65)),  # symmetric about 0.5: reversing time keeps the law
         speed=float(np.exp(rng.uniform(-log_speed, log_speed))),
         amplitude=float(rng.uniform(1 - spec.amplitude_var, 1 + spec.amplitude_var)),
-        mirrored=bool(POSES[action].mirror and rng.random() < 0.5),
+        mirrored=bool(ALL_ACTIONS[action].mirror and rng.random() < 0.5),
         x_mid=float(rng.uniform(-0.45, 0.45)),
         walk_dist=float(rng.uniform(0.35, 0.55)),
         # Feet placed so that raised hands (1.1 x body height) stay in frame at zoom 1.
@@ -262,10 +364,13 @@ def render_video(
     spec: WorldSpec, class_name: str, group: int, clip: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Frames (T, H, W, 3) uint8 as encoded into the video, body-part masks (T, H, W) in 0..6."""
+    return _render(spec, video_clip(spec, class_name, group, clip))
+
+
+def _render(spec, clip: Clip) -> tuple[np.ndarray, np.ndarray]:
+    """Either world's clip over its spec's frames and size."""
     times = np.arange(spec.num_frames) / spec.num_frames
-    return render.render_clip(
-        video_clip(spec, class_name, group, clip), spec.frame_height, spec.frame_width, times
-    )
+    return render.render_clip(clip, spec.frame_height, spec.frame_width, times)
 
 
 def video_name(class_name: str, group: int, clip: int) -> str:
@@ -547,12 +652,17 @@ def _write_image_lists(spec: WorldSpec, root: Path) -> None:
 def _check_decord_reads(spec: WorldSpec, folder: Path) -> None:
     """decord returns 4-channel frames for some widths (16, 24, 48, 72; dmlc/decord#93, #336),
     which ingest cannot use: refuse such a spec before spending minutes on it."""
-    import decord
-
     probe = folder / "probe.mp4"
     write_mp4(
         probe, np.zeros((2, spec.frame_height, spec.frame_width, 3), np.uint8), spec.fps, spec.crf
     )
+    _check_decord_probe(spec, probe)
+
+
+def _check_decord_probe(spec: WorldSpec | HmdbWorldSpec, probe: Path) -> None:
+    """Decode frame 0 of `probe` with decord, delete it, and refuse a size decord misreads."""
+    import decord
+
     shape = decord.VideoReader(str(probe))[0].shape
     probe.unlink()
     if tuple(shape) != (spec.frame_height, spec.frame_width, 3):
@@ -562,8 +672,44 @@ def _check_decord_reads(spec: WorldSpec, folder: Path) -> None:
         )
 
 
-def _spec_json(spec: WorldSpec) -> dict:
+def _spec_json(spec: WorldSpec | HmdbWorldSpec) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(spec)))
+
+
+def _run_all(run, tasks: list[tuple], workers: int, desc: str) -> Counter:
+    """`run` over `tasks` (in `workers` processes when more than 1); (kind, count) added up."""
+    counts: Counter = Counter()
+    with tqdm(total=len(tasks), desc=desc, unit="task", disable=None) as bar:
+        if workers > 1:
+            # spawn: no forked copies of a parent's threads (torch, tqdm) in the workers.
+            with multiprocessing.get_context("spawn").Pool(workers) as pool:
+                for kind, n in pool.imap_unordered(run, tasks, chunksize=4):
+                    counts[kind] += n
+                    bar.update()
+        else:
+            for task in tasks:
+                kind, n = run(task)
+                counts[kind] += n
+                bar.update()
+    return counts
+
+
+def _build_world(out_dir: Path, spec: WorldSpec | HmdbWorldSpec, build) -> dict:
+    """`build(folder)` (writes a world into `folder`, returns its counts) into a hidden sibling
+    of `out_dir`, plus world.json; then the sibling replaces `out_dir`. Returns the counts."""
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    try:
+        summary = build(tmp)
+        world = {"spec": _spec_json(spec), "counts": summary, "sha256": world_fingerprint(tmp)}
+        (tmp / "world.json").write_text(json.dumps(world, indent=2) + "\n")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {**summary, "seconds": round(time.perf_counter() - start, 2)}
 
 
 def generate_world(out_dir: Path, spec: WorldSpec, workers: int = 1) -> dict:
@@ -572,36 +718,15 @@ def generate_world(out_dir: Path, spec: WorldSpec, workers: int = 1) -> dict:
     The world is built in a hidden sibling folder and renamed into place at the end, so a killed
     run leaves no complete-looking `out_dir`. Results do not depend on `workers`.
     """
-    start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
+
+    def build(tmp: Path) -> dict:
         _check_decord_reads(spec, tmp)
-        tasks = _tasks(spec, tmp)
-        counts: Counter = Counter()
-        with tqdm(total=len(tasks), desc="synth", unit="task", disable=None) as bar:
-            if workers > 1:
-                # spawn: no forked copies of a parent's threads (torch, tqdm) in the workers.
-                with multiprocessing.get_context("spawn").Pool(workers) as pool:
-                    for kind, n in pool.imap_unordered(_run_task, tasks, chunksize=4):
-                        counts[kind] += n
-                        bar.update()
-            else:
-                for task in tasks:
-                    kind, n = _run_task(task)
-                    counts[kind] += n
-                    bar.update()
+        counts = _run_all(_run_task, _tasks(spec, tmp), workers, "synth")
         train, test = _write_ucf_lists(spec, tmp)
         _write_image_lists(spec, tmp)
-        summary = {**{k: counts[k] for k in _WRITERS}, "train_videos": train, "test_videos": test}
-        world = {"spec": _spec_json(spec), "counts": summary, "sha256": world_fingerprint(tmp)}
-        (tmp / "world.json").write_text(json.dumps(world, indent=2) + "\n")
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return {**summary, "seconds": round(time.perf_counter() - start, 2)}
+        return {**{k: counts[k] for k in _WRITERS}, "train_videos": train, "test_videos": test}
+
+    return _build_world(out_dir, spec, build)
 
 
 def world_fingerprint(root: Path) -> str:
@@ -628,6 +753,203 @@ def _replace_dir(new: Path, target: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# The second world: HMDB51's layout.
+#
+#   videos/<class>/<title>_<class>_<body>_<camera>_<people>_<view>_<quality>_<n>.avi
+#   splits/<class>_test_split<1|2|3>.txt    one "<file name> <tag> " line per video, LF endings:
+#                                           tag 1 train, 2 test, 0 unused
+#   world.json                              spec, counts, fingerprint (as the first world's)
+#
+# As in HMDB51, <title> names the source video (here a group: actor, scene and held object), its
+# clips are numbered from 0, and the titles carry the punctuation HMDB51's do (#, (, ), !, & and
+# apostrophes), so that whatever reads HMDB51 meets them here first.
+
+# Title words: the class's doing, and the actors' first names.
+_TITLE_VERBS = {
+    "balance": "Flamingo_Pose",
+    "clap": "Clap_Hands",
+    "jump": "Jump_Around",
+    "kick": "Kick",
+    "point": "Look_Over_There",
+    "sit": "Sit_Down",
+    "stretch_arms": "Morning_Stretch",
+    "wave": "Wave_Goodbye",
+}
+_TITLE_OWNERS = ("Anna", "Ben", "Carla", "Dev", "Emma", "Felix", "Gus", "Hana", "Ivo", "Jules")
+# One form per group in turn, so any 4 groups of a class use every character; every form holds
+# the group number n, so titles never repeat within a class.
+_TITLE_FORMS = (
+    "{verb}!_({scene}_&_{thing})_{n}",  # Clap_Hands!_(Kitchen_&_Cup)_1
+    "{owner}'s_{verb}#{n}",  # Ben's_Kick#2
+    "{owner}_{scene}_{n:02d}",  # Carla_Beach_03: most HMDB51 titles are plain
+    "#{n}_{owner}'s_{verb}_(HD)",  # #4_Dev's_Wave_Goodbye_(HD)
+)
+
+
+def _hmdb_look(spec: HmdbWorldSpec, class_name: str, group: int) -> Look:
+    action = ALL_ACTIONS[HMDB_CLASSES[class_name]]
+    return sample_look(
+        _rng(spec, "hmdb_group", HMDB_CLASS_NAMES.index(class_name), group),
+        spec,
+        scene=action.scene,
+        scene_correlation=spec.scene_correlation,
+        obj=action.obj,
+        object_correlation=spec.object_correlation,
+    )
+
+
+def hmdb_video_clip(spec: HmdbWorldSpec, class_name: str, group: int, clip: int) -> Clip:
+    """The rendering parameters of clip `clip` (0-based, as in HMDB51's names) of group `group`
+    (1-based) of class `class_name` of the second world."""
+    rng = _rng(spec, "hmdb_clip", HMDB_CLASS_NAMES.index(class_name), group, clip)
+    return sample_clip(rng, spec, HMDB_CLASSES[class_name], _hmdb_look(spec, class_name, group))
+
+
+def render_hmdb_video(
+    spec: HmdbWorldSpec, class_name: str, group: int, clip: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Frames (T, H, W, 3) uint8 as encoded into the .avi, body-part masks (T, H, W) in 0..6."""
+    return _render(spec, hmdb_video_clip(spec, class_name, group, clip))
+
+
+def hmdb_title(spec: HmdbWorldSpec, class_name: str, group: int) -> str:
+    """The source-video title of a group, e.g. `Clap_Hands!_(Kitchen_&_Cup)_1`."""
+    look = _hmdb_look(spec, class_name, group)
+    rng = _rng(spec, "hmdb_title", HMDB_CLASS_NAMES.index(class_name), group)
+    return _TITLE_FORMS[(group - 1) % len(_TITLE_FORMS)].format(
+        verb=_TITLE_VERBS[class_name],
+        owner=_TITLE_OWNERS[rng.integers(len(_TITLE_OWNERS))],
+        scene=look.scene.title(),
+        thing=look.obj.title() if look.obj else "Bare_Hands",
+        n=group,
+    )
+
+
+def hmdb_meta_tags(spec: HmdbWorldSpec, clip: Clip) -> str:
+    """HMDB51's meta tags read off a clip's rendering: the whole body in view (f); camera motion
+    (cm) when the clip pans at least half as far as any may, else none (nm; the shake is always
+    there); one person (np1) seen from the front (fr); quality good / medium / bad (goo, med, bad)
+    for the top, middle and bottom third of the log zoom range (how large the person is)."""
+    moving = spec.camera_pan > 0 and abs(clip.pan[0]) >= 0.5 * spec.camera_pan
+    zoom = np.log(clip.zoom) / np.log1p(spec.zoom_range) if spec.zoom_range > 0 else 0.0
+    quality = "goo" if zoom > 1 / 3 else "bad" if zoom < -1 / 3 else "med"
+    return f"f_{'cm' if moving else 'nm'}_np1_fr_{quality}"
+
+
+def hmdb_video_name(spec: HmdbWorldSpec, class_name: str, group: int, clip: int) -> str:
+    """The file stem, e.g. `Ben's_Kick#2_kick_f_cm_np1_fr_med_0`."""
+    tags = hmdb_meta_tags(spec, hmdb_video_clip(spec, class_name, group, clip))
+    return f"{hmdb_title(spec, class_name, group)}_{class_name}_{tags}_{clip}"
+
+
+def hmdb_split_tags(spec: HmdbWorldSpec, class_name: str) -> dict[int, dict[int, int]]:
+    """split number -> group -> tag (1 train, 2 test, 0 unused) for one class.
+
+    The class's groups are shuffled once; split k tests the k-th block of test_groups groups of
+    that order and leaves the next unused_groups unused (wrapping around), so the three splits
+    differ, their test sets are disjoint when 3 x test_groups <= groups_per_class (as in 3-fold
+    cross-validation), no group is on both sides of a split, and every group is train or test in
+    some split (an unused group is in the next split's test block)."""
+    groups = spec.groups_per_class
+    order = _rng(spec, "hmdb_splits", HMDB_CLASS_NAMES.index(class_name)).permutation(groups) + 1
+    tags = {}
+    for number in HMDB_SPLITS:
+        start = (number - 1) * spec.test_groups
+        split = dict.fromkeys(range(1, groups + 1), 1)
+        for i in range(spec.test_groups):
+            split[int(order[(start + i) % groups])] = 2
+        for i in range(spec.unused_groups):
+            split[int(order[(start + spec.test_groups + i) % groups])] = 0
+        tags[number] = split
+    return tags
+
+
+def write_avi(path: Path, frames: np.ndarray, fps: int, qscale: int) -> None:
+    """MPEG-4 part 2 in AVI, as HMDB51's DivX/Xvid files, by FFmpeg's encoder (fourcc FMP4),
+    with the same bytes on any machine, as write_mp4's.
+
+    A fixed quantiser (qmin = qmax: rate control's floating point decides nothing), the integer
+    C forward DCT and the simple IDCT (with FFmpeg's default `auto` both, its SIMD code gave other
+    bytes than its C code for 8 of 8 test videos; with these, none did: measured by forcing the
+    CPU flags off), one thread, `bitexact` (no encoder version in the stream or container), one
+    key frame every 12 (FFmpeg's default), explicit timestamps, and YUV planes converted in
+    integer arithmetic. Decoding is exact too: FFmpeg's SIMD and C decoders give the same YUV."""
+    options = {
+        "qmin": str(qscale),
+        "qmax": str(qscale),
+        "dct": "int",
+        "idct": "simple",
+        "flags": "+bitexact",
+        "threads": "1",
+    }
+    with av.open(str(path), "w", format="avi", options={"fflags": "+bitexact"}) as container:
+        stream = container.add_stream("mpeg4", rate=fps, options=options)
+        stream.width, stream.height = frames.shape[2], frames.shape[1]
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.thread_count = 1
+        for index, frame in enumerate(frames):
+            planes = av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")
+            planes.pts = index
+            container.mux(stream.encode(planes))
+        container.mux(stream.encode())
+
+
+def _write_hmdb_video(
+    spec: HmdbWorldSpec, root: Path, class_name: str, group: int, clip: int
+) -> int:
+    frames, _ = render_hmdb_video(spec, class_name, group, clip)
+    folder = root / "videos" / class_name
+    folder.mkdir(parents=True, exist_ok=True)
+    name = hmdb_video_name(spec, class_name, group, clip)
+    write_avi(folder / f"{name}.avi", frames, spec.fps, spec.qscale)
+    return 1
+
+
+def _run_hmdb_task(task: tuple) -> tuple[str, int]:
+    spec, root, *keys = task
+    return "videos", _write_hmdb_video(spec, root, *keys)
+
+
+def _write_hmdb_splits(spec: HmdbWorldSpec, root: Path) -> dict:
+    """splits/<class>_test_split<k>.txt, lines sorted by file name; returns counts per split."""
+    counts = {f"split{k}": {"train": 0, "test": 0, "unused": 0} for k in HMDB_SPLITS}
+    kinds = {0: "unused", 1: "train", 2: "test"}
+    for class_name in spec.class_names:
+        names = {
+            (group, clip): f"{hmdb_video_name(spec, class_name, group, clip)}.avi"
+            for group in range(1, spec.groups_per_class + 1)
+            for clip in range(spec.clips_per_group)
+        }
+        for number, tag_of in hmdb_split_tags(spec, class_name).items():
+            lines = sorted(f"{name} {tag_of[group]} " for (group, _), name in names.items())
+            _write_lines(root / "splits" / f"{class_name}_test_split{number}.txt", lines)
+            for (group, _), _name in names.items():
+                counts[f"split{number}"][kinds[tag_of[group]]] += 1
+    return counts
+
+
+def generate_hmdb_world(out_dir: Path, spec: HmdbWorldSpec, workers: int = 1) -> dict:
+    """Write the second world to `out_dir` (replacing it, as generate_world) and return a summary.
+    Results do not depend on `workers`."""
+
+    def build(tmp: Path) -> dict:
+        probe = tmp / "probe.avi"
+        shape = (2, spec.frame_height, spec.frame_width, 3)
+        write_avi(probe, np.zeros(shape, np.uint8), spec.fps, spec.qscale)
+        _check_decord_probe(spec, probe)
+        tasks = [
+            (spec, tmp, class_name, group, clip)
+            for class_name in spec.class_names
+            for group in range(1, spec.groups_per_class + 1)
+            for clip in range(spec.clips_per_group)
+        ]
+        counts = _run_all(_run_hmdb_task, tasks, workers, "synth hmdb51")
+        return {"videos": counts["videos"], **_write_hmdb_splits(spec, tmp)}
+
+    return _build_world(out_dir, spec, build)
+
+
+# ---------------------------------------------------------------------------------------------
 # Sample figure.
 
 PART_COLORS = np.array(
@@ -649,28 +971,66 @@ def _decode(path: Path) -> np.ndarray:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
 
 
-def write_sample_figure(raw_dir: Path, out_png: Path, spec: WorldSpec, num_times: int = 6) -> None:
-    """PNG with one row per class: frames across time of its g01_c01 video, then the body-part
-    mask of the middle frame over that frame (masks re-rendered from `spec`)."""
-    from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-
-    raw_dir = Path(raw_dir)
+def _check_world_spec(raw_dir: Path, spec: WorldSpec | HmdbWorldSpec) -> None:
     world = json.loads((raw_dir / "world.json").read_text())
     if world["spec"] != _spec_json(spec):
         raise DataError(f"{raw_dir / 'world.json'}: the world was generated from a different spec")
+
+
+def write_sample_figure(raw_dir: Path, out_png: Path, spec: WorldSpec, num_times: int = 6) -> None:
+    """PNG with one row per class: frames across time of its g01_c01 video, then the body-part
+    mask of the middle frame over that frame (masks re-rendered from `spec`)."""
+    raw_dir = Path(raw_dir)
+    _check_world_spec(raw_dir, spec)
     names = [
         line.split()[1]
         for line in (raw_dir / "ucfTrainTestlist" / "classInd.txt").read_text().splitlines()
     ]
+    rows = [
+        (
+            name,
+            raw_dir / "videos" / name / f"{video_name(name, 1, 1)}.mp4",
+            lambda name=name: render_video(spec, name, 1, 1)[1],
+        )
+        for name in names
+    ]
+    title = "Synthetic action world: one video per class (g01_c01)"
+    _plot_samples(rows, out_png, spec, num_times, title)
+
+
+def write_hmdb_sample_figure(
+    raw_dir: Path, out_png: Path, spec: HmdbWorldSpec, num_times: int = 6
+) -> None:
+    """write_sample_figure for the second world: one row per class, its group 1 clip 0."""
+    raw_dir = Path(raw_dir)
+    _check_world_spec(raw_dir, spec)
+    rows = [
+        (
+            name,
+            raw_dir / "videos" / name / f"{hmdb_video_name(spec, name, 1, 0)}.avi",
+            lambda name=name: render_hmdb_video(spec, name, 1, 0)[1],
+        )
+        for name in spec.class_names
+    ]
+    title = "Second synthetic world (HMDB51 layout): one video per class (group 1, clip 0)"
+    _plot_samples(rows, out_png, spec, num_times, title)
+
+
+def _plot_samples(
+    rows: list, out_png: Path, spec: WorldSpec | HmdbWorldSpec, num_times: int, title: str
+) -> None:
+    """rows: (class name, video file, function returning its re-rendered part masks)."""
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
     aspect = spec.frame_width / spec.frame_height
-    fig = Figure(figsize=(1.3 * aspect * (num_times + 1) + 1.5, 1.3 * len(names) + 1.2))
-    axes = fig.subplots(len(names), num_times + 1, squeeze=False)
-    for row, name in enumerate(names):
-        frames = _decode(raw_dir / "videos" / name / f"{video_name(name, 1, 1)}.mp4")
+    fig = Figure(figsize=(1.3 * aspect * (num_times + 1) + 1.5, 1.3 * len(rows) + 1.2))
+    axes = fig.subplots(len(rows), num_times + 1, squeeze=False)
+    for row, (name, video, masks) in enumerate(rows):
+        frames = _decode(video)
         picks = np.linspace(0, len(frames) - 1, num_times).round().astype(int)
         mid = len(frames) // 2
-        parts = render_video(spec, name, 1, 1)[1][mid]
+        parts = masks()[mid]
         overlay = np.where(
             parts[..., None] > 0, 0.4 * frames[mid] + 0.6 * PART_COLORS[parts], frames[mid]
         )
@@ -689,7 +1049,7 @@ def write_sample_figure(raw_dir: Path, out_png: Path, spec: WorldSpec, num_times
     ]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
     inch = 1 / fig.get_figheight()  # margins in inches, whatever the number of classes
-    fig.suptitle("Synthetic action world: one video per class (g01_c01)", y=1 - 0.15 * inch)
+    fig.suptitle(title, y=1 - 0.15 * inch)
     fig.subplots_adjust(left=0.15, right=0.98, top=1 - 0.8 * inch, bottom=0.5 * inch)
     with atomic_path(out_png, suffix=".png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
