@@ -73,4 +73,5 @@ for stage in STAGES:
 onsuccess:
     # The stages this run built (or touched) go into dvc.lock, so `dvc repro` knows them too.
     built = {job.rule.name for job in workflow.dag.needrun_jobs(exclude_finished=False)}
-    record_for_dvc(sorted(built - {"all"}))
+    in_order = [job.rule.name for level in workflow.dag.toposorted() for job in level]
+    record_for_dvc([name for name in in_order if name != "all"], built)

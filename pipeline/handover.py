@@ -7,7 +7,8 @@ dvc.lock (the hashes of each stage's deps, params and outs), Snakemake has .snak
 whatever DVC built with params Snakemake has not recorded (or restored with an older mtime).
 
 - After a successful Snakemake run, the Snakefile's `onsuccess` calls `record_for_dvc` with the
-  stages that run built: `dvc commit --force` writes their hashes to dvc.lock.
+  stages that run built (and any of its DAG dvc.lock lacks): `dvc commit --force` writes their
+  hashes to dvc.lock.
 - Before a Snakemake run, the Snakefile calls `accept_dvc_runs`: the stages whose dvc.lock entries
   changed since Snakemake last saw the file were run (or restored from the cache) by DVC; those
   whose outputs DVC still finds current are touched by `snakemake --touch`, which records their
@@ -52,16 +53,22 @@ def _lock_entries(path: Path) -> dict:
     return (yaml.safe_load(path.read_text()) or {}).get("stages", {}) if path.exists() else {}
 
 
-def record_for_dvc(stages: list[str]) -> None:
-    """Write the stages a Snakemake run built into dvc.lock, so `dvc repro` knows them."""
+def record_for_dvc(stages: list[str], built: set[str]) -> None:
+    """Write into dvc.lock the stages of a Snakemake run's DAG (`stages`, in the order they ran)
+    that it built, and those dvc.lock lacks (Snakemake found them current, DVC never saw them).
+    In that order: DVC rewrites each output it commits (a new file, a new mtime), and an output
+    left older than its input would make Snakemake run its stage again."""
     dvc = _dvc()
     if dvc is None:
         return
-    if stages:
-        print(f"Recording {len(stages)} stage(s) for DVC: dvc commit --force ...", file=sys.stderr)
-        done = subprocess.run([dvc, "commit", "--force", "--quiet", *stages], text=True)
+    known = _lock_entries(DVC_LOCK)
+    record = [stage for stage in stages if stage in built or stage not in known]
+    if record:
+        print(f"Recording {len(record)} stage(s) for DVC: dvc commit --force", file=sys.stderr)
+        done = subprocess.run([dvc, "commit", "--force", *record], capture_output=True, text=True)
         if done.returncode != 0:  # the outputs stand; DVC will just plan these stages again
-            print("dvc commit failed: `dvc repro` will run these stages again", file=sys.stderr)
+            print(f"dvc commit failed, so `dvc repro` will run these stages again:\n"
+                  f"{done.stderr[-2000:]}", file=sys.stderr)  # fmt: skip
             return
     _remember_lock()
 
