@@ -35,8 +35,11 @@ SEEN_LOCK = Path(".snakemake/pipeline/dvc.lock.seen")
 
 
 def _dvc() -> str | None:
-    """The dvc executable, when this folder is a DVC repository and DVC is installed."""
-    return shutil.which("dvc") if Path(".dvc").is_dir() else None
+    """The dvc executable, when this folder is a DVC repository: on PATH, else beside this Python
+    (`.venv/bin/snakemake` run without activating the venv)."""
+    if not Path(".dvc").is_dir():
+        return None
+    return shutil.which("dvc") or shutil.which("dvc", path=str(Path(sys.executable).parent))
 
 
 def _remember_lock() -> None:
