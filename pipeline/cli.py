@@ -104,15 +104,11 @@ def cmd_synth(args) -> None:
     print(f"synth: {summary}")
 
 
-SYNTH_HMDB_KEYS = ("synth_hmdb", "datasets.synth_hmdb")
-
-
 def _synth_hmdb(args) -> None:
-    """The second world (HMDB51 layout) into datasets.synth_hmdb.raw, and its sample figure,
-    reading only SYNTH_HMDB_KEYS (the keys its stage will declare when the DAG gets one)."""
+    """The second world (HMDB51 layout) into datasets.synth_hmdb.raw, and its sample figure."""
     from pipeline.data import synth
 
-    params = DeclaredParams(load_params(), SYNTH_HMDB_KEYS)
+    params = _declared("synth_hmdb")
 
     try:
         source = params.datasets.synth_hmdb

@@ -88,6 +88,7 @@ CAPTIONS = (
     (r"results/tables/(selfkd_table\d|table\d|tb_table\d|hpkd_table\d|teachers)\.csv", r"\1"),
     (r"results/figures/(selfkd_table\d|table\d|tb_table\d|hpkd_table\d)\.png", r"\1"),
     (r"results/figures/synth_samples\.png", "synth_samples"),
+    (r"results/figures/synth_hmdb_samples\.png", "synth_hmdb_samples"),
     (r"results/figures/data_.+\.png", "data_report"),
     (r"results/figures/augmentations_.+\.png", "augmentations"),
     (r"results/figures/dtg_.+_weights\.png", "dtg_online_weights"),
@@ -148,28 +149,50 @@ def data_stages(params: Params) -> list[Stage]:
                 threads=2,
             )
         )
-    stages.append(
-        Stage(
-            name=f"ingest_{dataset}",
-            cmd=f"python -m pipeline ingest --dataset {dataset}",
-            deps=synth_lists if raw == synth_raw else (raw,),
-            outs=(_shards(dataset),),
-            params=("ingest", f"datasets.{dataset}"),
-            code=("pipeline/data/ingest.py", "pipeline/data/splits.py"),
-            threads=2,
+    raws = {dataset: synth_lists if raw == synth_raw else (raw,)}
+    hmdb = params.datasets.get("synth_hmdb")  # the second world, in HMDB51's layout
+    if hmdb and dataset != "synth_hmdb":
+        hmdb_raw = hmdb.raw.rstrip("/") + "/"
+        raws["synth_hmdb"] = (f"{hmdb_raw}videos/", f"{hmdb_raw}splits/")
+        stages.append(
+            Stage(
+                name="synth_hmdb",
+                cmd="python -m pipeline synth --world hmdb51",
+                outs=(
+                    *raws["synth_hmdb"],
+                    f"{hmdb_raw}world.json",
+                    "results/figures/synth_hmdb_samples.png",
+                ),  # fmt: skip
+                params=("synth_hmdb", "datasets.synth_hmdb"),
+                code=("pipeline/data/synth.py", "pipeline/data/render.py"),
+                threads=2,
+            )
         )
-    )
-    stages.append(
-        Stage(
-            name=f"data_report_{dataset}",
-            cmd=f"python -m pipeline data-report --dataset {dataset}",
-            deps=(_shards(dataset),),
-            outs=(f"results/reports/data_{dataset}.txt", f"results/figures/data_{dataset}.png"),
-            code=("pipeline/inspect.py", "pipeline/data/shards.py", "pipeline/report.py"),
-            target=True,
-        )
-    )
+    for name, inputs in raws.items():
+        stages += ingest_stages(name, inputs)
     return stages
+
+
+def ingest_stages(dataset: str, raw: tuple[str, ...]) -> list[Stage]:
+    """A dataset's shards from its raw videos and lists, and their report."""
+    ingest = Stage(
+        name=f"ingest_{dataset}",
+        cmd=f"python -m pipeline ingest --dataset {dataset}",
+        deps=raw,
+        outs=(_shards(dataset),),
+        params=("ingest", f"datasets.{dataset}"),
+        code=("pipeline/data/ingest.py", "pipeline/data/splits.py"),
+        threads=2,
+    )
+    report = Stage(
+        name=f"data_report_{dataset}",
+        cmd=f"python -m pipeline data-report --dataset {dataset}",
+        deps=(_shards(dataset),),
+        outs=(f"results/reports/data_{dataset}.txt", f"results/figures/data_{dataset}.png"),
+        code=("pipeline/inspect.py", "pipeline/data/shards.py", "pipeline/report.py"),
+        target=True,
+    )
+    return [ingest, report]
 
 
 def _num(value: float) -> str:

@@ -138,3 +138,12 @@ def test_every_dtg_table_run_is_a_stage_and_names_are_unique():
         if label == "BU-teacher init":
             deps = stages[f"finetune_synth_{run.name}"].deps
             assert "results/teachers/bu101/model.pt" in deps
+
+
+def test_the_second_world_is_generated_ingested_and_reported_by_its_own_stages():
+    stages = {stage.name: stage for stage in build_stages(load_params(ROOT / "params.yaml"))}
+    world, ingest = stages["synth_hmdb"], stages["ingest_synth_hmdb"]
+    assert set(ingest.deps) == {"data/raw/synth_hmdb/videos/", "data/raw/synth_hmdb/splits/"}
+    assert set(ingest.deps) < set(world.outs)  # ingested from what its stage wrote
+    assert world.params == ("synth_hmdb", "datasets.synth_hmdb")
+    assert stages["data_report_synth_hmdb"].target  # part of `snakemake all`

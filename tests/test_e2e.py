@@ -35,6 +35,7 @@ TINY = {
         "parsing_train": 4,
         "parsing_val": 2,
     },
+    "synth_hmdb": {"groups_per_class": 4, "clips_per_group": 2, "test_groups": 1},
     "ingest": {"num_shards": 2},
     "train": {"epochs": 2, "batch_size": 8},
     "clips": {"test_clips": 2},
@@ -116,8 +117,9 @@ def make_project(dest: Path) -> Path:
 def data_project(tmp_path_factory) -> Path:
     """The tiny project after Snakemake ran its data stages (recorded for DVC by its onsuccess)."""
     project = make_project(tmp_path_factory.mktemp("data") / "project")
-    sh("snakemake", "--cores", "2", "results/reports/data_synth.txt", cwd=project)
-    return project  # the Snakefile's onsuccess recorded the three stages for DVC
+    reports = ("results/reports/data_synth.txt", "results/reports/data_synth_hmdb.txt")
+    sh("snakemake", "--cores", "2", *reports, cwd=project)
+    return project  # the Snakefile's onsuccess recorded the data stages for DVC
 
 
 def snakemake_plan(project: Path, target: str) -> set[str]:
@@ -143,6 +145,13 @@ def test_up_to_date_data_stages_do_nothing_in_both_tools(data_project):
     assert dvc_changed(data_project) == set()
     report = (data_project / "results/reports/data_synth.txt").read_text()
     assert "96 in 2 shards" in report
+    # The second world, in HMDB51's layout, through the HMDB51 reader: 8 classes x 4 x 2 clips.
+    assert snakemake_plan(data_project, "results/reports/data_synth_hmdb.txt") == set()
+    assert dvc_plan(data_project, "data_report_synth_hmdb") == set()
+    report = (data_project / "results/reports/data_synth_hmdb.txt").read_text()
+    assert "64 in 2 shards" in report and "classes       8:" in report
+    [split1] = [line for line in report.splitlines() if line.strip().startswith("split1")]
+    assert {"train 32", "test 16", "unused 16"} == set(split1.split(None, 1)[1].split(", "))
 
 
 @pytest.mark.parametrize(
