@@ -37,9 +37,14 @@ def test_segment_sampler_one_frame_per_segment(num_frames, segments, train, seed
     indices = SegmentSampler(segments, train)(num_frames, np.random.default_rng(seed))
     check_clips(indices, (segments,), num_frames)
     if num_frames >= segments:
-        # each index lies in its own segment [floor(i*n/T), floor((i+1)*n/T))
-        edges = np.arange(segments + 1) * num_frames // segments
-        assert (edges[:-1] <= indices).all() and (indices < edges[1:]).all()
+        position = np.arange(segments)
+        if train:  # a frame of its own segment [floor(i*n/T), floor((i+1)*n/T))
+            edges = np.arange(segments + 1) * num_frames // segments
+            assert (edges[:-1] <= indices).all() and (indices < edges[1:]).all()
+        else:  # TSN's test frame: the one holding segment i's centre (i + 1/2) * n/T
+            centre = (2 * position + 1) * num_frames  # in units of 1 / (2T) frames
+            assert (2 * segments * indices <= centre).all()
+            assert (centre < 2 * segments * (indices + 1)).all()
 
 
 @few
