@@ -530,16 +530,22 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int, crf: int) -> None:
     in integer arithmetic, with explicit timestamps. Preset veryfast: at these sizes it is twice
     as fast as the default and no bigger."""
     options = {"crf": str(crf), "preset": "veryfast", "threads": "1", "x264-params": "asm=0"}
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=fps, options=options)
+    _encode(path, frames, fps, "libx264", options)
+
+
+def _encode(path: Path, frames: np.ndarray, fps: int, codec: str, codec_options: dict, **container):
+    """Frames (T, H, W, 3) as yuv420p through `codec` in one thread, timestamps 0, 1, ...;
+    `container`: av.open's format and options."""
+    with av.open(str(path), "w", **container) as output:
+        stream = output.add_stream(codec, rate=fps, options=codec_options)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = "yuv420p"
         stream.codec_context.thread_count = 1
         for index, frame in enumerate(frames):
             planes = av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")
             planes.pts = index
-            container.mux(stream.encode(planes))
-        container.mux(stream.encode())
+            output.mux(stream.encode(planes))
+        output.mux(stream.encode())
 
 
 def _write_video(spec: WorldSpec, root: Path, class_name: str, group: int, clip: int) -> int:
@@ -882,16 +888,7 @@ def write_avi(path: Path, frames: np.ndarray, fps: int, qscale: int) -> None:
         "flags": "+bitexact",
         "threads": "1",
     }
-    with av.open(str(path), "w", format="avi", options={"fflags": "+bitexact"}) as container:
-        stream = container.add_stream("mpeg4", rate=fps, options=options)
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.thread_count = 1
-        for index, frame in enumerate(frames):
-            planes = av.VideoFrame.from_ndarray(rgb_to_yuv420p(frame), format="yuv420p")
-            planes.pts = index
-            container.mux(stream.encode(planes))
-        container.mux(stream.encode())
+    _encode(path, frames, fps, "mpeg4", options, format="avi", options={"fflags": "+bitexact"})
 
 
 def _write_hmdb_video(
